@@ -51,7 +51,9 @@ def resolve_source(videos: Any, num_frames: int, size: int, split: str = "train"
                 f"{num_frames} x {size}px (pick a matching preset or source)"
             )
         return videos
-    raise TypeError(f"videos must be None, a path, a list of paths, a VideoSource or a uint8 tensor, got {type(videos)}")
+    raise TypeError(
+        f"videos must be None, a path, a list of paths, a VideoSource or a uint8 tensor, got {type(videos)}"
+    )
 
 
 def resolve_reconstructor(reconstructor: str | Reconstructor, config: GazeEnvConfig) -> Reconstructor:
@@ -95,7 +97,9 @@ def build(
     shaping = {k: v for k, v in (("gaze_cost", gaze_cost), ("loss_threshold", loss_threshold)) if v}
     if shaping:
         if reward not in ("frame", "dense"):
-            raise ValueError(f"gaze_cost / loss_threshold shape the built-in 'frame' and 'dense' rewards, not {reward!r}")
+            raise ValueError(
+                f"gaze_cost / loss_threshold shape the built-in 'frame' and 'dense' rewards, not {reward!r}"
+            )
         kwargs.update(shaping)
     reward_fn = make_reward(reward, **kwargs)
     # a reward that brings its own reconstructor (a learned one) replaces the paste canvas

@@ -121,18 +121,18 @@ def action_mask(params: CoreParams, state: GazeState) -> torch.Tensor:
 
 
 def invalid_action_message(params: CoreParams, state: GazeState, action: torch.Tensor) -> str | None:
-    """Why the first invalid action of the batch is invalid, or None when all are valid."""
+    """Why the first invalid action of the batch is invalid, or None when all are valid.
+    Episodes that ended accept (and ignore) any in-range action, so ragged batches can run on."""
     N = params.config.grid.num_patches
     bad_range = (action < 0) | (action > N)
     ok = action_mask(params, state).gather(1, action.clamp(0, N)[:, None])[:, 0] & ~bad_range
+    ok |= state.done & ~bad_range  # ended episodes ignore their action
     if bool(ok.all()):
         return None
     i = int((~ok).nonzero()[0, 0])
     a, where = int(action[i]), f"env {i}" if state.batch_size > 1 else "the env"
     if bool(bad_range[i]):
         return f"action {a} in {where} is out of range: actions are 0..{N - 1} (patches) and {N} (STOP)"
-    if bool(state.done[i]):
-        return f"action {a} in {where} after the episode ended: call reset() first"
     t, n = int(state.t[i]), int(state.num_gazed[i])
     if a == N:
         return (

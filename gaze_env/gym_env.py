@@ -111,8 +111,15 @@ class AutoGazeEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(self, preset: str = "tiny", videos: Any = None, *, render_mode: str | None = None,
-                 device: str | torch.device = "cpu", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        preset: str = "tiny",
+        videos: Any = None,
+        *,
+        render_mode: str | None = None,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.built = build(preset, videos, **kwargs)
@@ -152,6 +159,8 @@ class AutoGazeEnv(gym.Env):
     def step(self, action):
         if self.state is None:
             raise RuntimeError("call reset() before step()")
+        if bool(self.state.done[0]):
+            raise ValueError(f"step({action!r}) after the episode ended: call reset() first")
         if not isinstance(action, (int, np.integer)) and not (np.ndim(action) == 0 and float(action).is_integer()):
             raise ValueError(f"action must be an integer in [0, {self.config.grid.num_patches}], got {action!r}")
         tr = core.step(self.params, self.state, torch.tensor([int(action)]))

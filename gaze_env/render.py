@@ -33,7 +33,9 @@ def gaze_overlay(frame: torch.Tensor, gazed: torch.Tensor, grid: PatchGrid, dim:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def side_by_side(frame: torch.Tensor, gazed: torch.Tensor, canvas: torch.Tensor, grid: PatchGrid, gap: int = 4) -> torch.Tensor:
+def side_by_side(
+    frame: torch.Tensor, gazed: torch.Tensor, canvas: torch.Tensor, grid: PatchGrid, gap: int = 4
+) -> torch.Tensor:
     """(H, 3W + 2 gap, 3) uint8 HWC image: frame | gaze overlay | reconstruction."""
     H = grid.frame_size
     white = torch.full((3, H, gap), 255, dtype=torch.uint8, device=frame.device)

@@ -15,7 +15,6 @@ from gaze_env.patches import PatchGrid
 from gaze_env.types import GazeState
 
 
-
 @runtime_checkable
 class Reconstructor(Protocol):
     """Rebuilds the current frame from the gazes made so far."""
@@ -26,7 +25,9 @@ class Reconstructor(Protocol):
     def begin_frame(self, state: GazeState, rows: torch.Tensor) -> None:
         """Rows ``rows`` (int64 (M,)) just moved to frame ``state.t[rows]``; prepare their canvas."""
 
-    def gaze(self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None) -> torch.Tensor | None:
+    def gaze(
+        self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None
+    ) -> torch.Tensor | None:
         """Apply gaze ``action`` (B,) int64 where ``active`` (B,) bool; ``state.history`` already
         holds it. May return the change (B,) float64 of the summed ``pixel_error`` over the frame
         (when given and cheap to compute), else ``None`` and the core recomputes the loss."""
@@ -69,7 +70,9 @@ class PasteReconstructor:
         state.aux["views"][rows] = self.grid.scale_views(state.video[rows, state.t[rows]])
         state.aux["level"][rows] = -1
 
-    def gaze(self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None) -> torch.Tensor | None:
+    def gaze(
+        self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None
+    ) -> torch.Tensor | None:
         grid = self.grid
         corners, patch_scale = self._geometry(state.device)
         B = state.batch_size
