@@ -85,7 +85,8 @@ def reset(
         reward_frames = torch.ones(B, T, dtype=torch.bool, device=device)
     else:
         m = max(1, round(cfg.reward_frame_rate * T))
-        order = torch.rand(B, T, generator=generator).argsort(dim=1)[:, :m].to(device)  # (B, m)
+        gen_device = generator.device if generator is not None else device
+        order = torch.rand(B, T, generator=generator, device=gen_device).argsort(dim=1)[:, :m].to(device)  # (B, m)
         reward_frames = torch.zeros(B, T, dtype=torch.bool, device=device).scatter_(1, order, True)
     nan = torch.full((B, T), float("nan"), device=device)
     state = GazeState(
@@ -178,10 +179,15 @@ def step(params: CoreParams, state: GazeState, action: torch.Tensor, *, validate
         state.loss = torch.where(is_gaze, params.loss.reduce(state.err_sum / numel).float(), state.loss)
     else:
         _score_rows(params, state, is_gaze.nonzero()[:, 0])
+    frame_end = active & ((action == N) | (state.counts[b, t] >= state.budgets[b, t]))  # (B,)
+    # optional hook: a reconstructor too costly to run per gaze (the learned MAE) scores frame ends
+    end_frame = getattr(params.reconstructor, "end_frame", None)
+    if end_frame is not None and bool(frame_end.any()):
+        ending = frame_end.nonzero()[:, 0]
+        state.loss[ending] = end_frame(state, ending, params.loss).to(state.loss.dtype)
     loss_after = state.loss.clone()
     state.steps += active
 
-    frame_end = active & ((action == N) | (state.counts[b, t] >= state.budgets[b, t]))  # (B,)
     state.frame_loss[b, t] = torch.where(frame_end, loss_after, state.frame_loss[b, t])
     scored = frame_end & state.reward_frames[b, t]
     state.t += frame_end

@@ -5,6 +5,9 @@ import torch
 
 from gaze_env.config import get_preset
 
+# Tests run two xdist workers on two cores: more torch threads per worker only oversubscribe.
+torch.set_num_threads(1)
+
 
 def random_clips(n: int, preset: str = "tiny", seed: int = 0) -> torch.Tensor:
     """(n, T, 3, H, W) uint8 clips of smooth random content with some motion."""
