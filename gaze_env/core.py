@@ -41,7 +41,7 @@ def _score_rows(params: CoreParams, state: GazeState, rows: torch.Tensor) -> Non
     recon = state.canvas[rows].float().div_(255)  # (M, 3, H, W)
     pixel_error = getattr(params.loss, "pixel_error", None)
     if pixel_error is not None:
-        err = pixel_error(target, recon).flatten(1).sum(1).double()  # (M,)
+        err = pixel_error(target, recon).flatten(1).double().sum(1)  # (M,) summed in float64: batch-size invariant
         state.err_sum[rows] = err
         state.loss[rows] = params.loss.reduce(err / target[0].numel()).float()
     else:

@@ -87,6 +87,11 @@ class AutoGazeEnv(gym.Env):
     (T, 3, H, W) clip, or ``options["clip_index"]``). Frame 0, no gazes, a mid-grey canvas.
     ``options["budgets"]`` (T,) overrides the per-frame budgets for this episode.
 
+    ## Info
+    ``loss`` (the current frame's loss), ``gazes_this_frame``, ``gazing_ratio`` (gazes so far over
+    the patches of the frames started); on a step that ends a frame, ``frame_end_loss`` and
+    ``frame_end_index``; on the step that ends the episode, ``frame_loss`` (T,): every frame's loss.
+
     ## Episode End
     Terminates when the last frame ends. Never truncates (the length is bounded by
     ``sum(budgets) + T`` steps).
@@ -165,15 +170,22 @@ class AutoGazeEnv(gym.Env):
             raise ValueError(f"action must be an integer in [0, {self.config.grid.num_patches}], got {action!r}")
         tr = core.step(self.params, self.state, torch.tensor([int(action)]))
         reward = float(self.reward_fn(tr)[0])
-        return self._obs(), reward, bool(tr.terminated[0]), False, self._info()
+        return self._obs(), reward, bool(tr.terminated[0]), False, self._info(tr)
 
     def _obs(self) -> dict[str, Any]:
         return to_numpy(core.observe(self.params, self.state), 0)
 
-    def _info(self) -> dict[str, Any]:
+    def _info(self, tr=None) -> dict[str, Any]:
         info = to_numpy(core.info(self.params, self.state), 0)
-        # losses of the frames ended so far (no NaN placeholders, so infos compare equal)
-        info["frame_loss"] = info["frame_loss"][: int(self.state.t[0])]
+        # Keys keep one shape whenever present (so Gymnasium's sync vector env can batch them) and
+        # hold no NaN placeholders (so infos of equal runs compare equal): the loss of a frame on
+        # the step that ends it, all frames' losses on the step that ends the episode.
+        frame_loss = info.pop("frame_loss")
+        if tr is not None and bool(tr.frame_end[0]):
+            info["frame_end_loss"] = np.float32(tr.loss_after[0])
+            info["frame_end_index"] = np.int64(tr.frame_index[0])
+        if bool(self.state.done[0]):
+            info["frame_loss"] = frame_loss
         return info
 
     def render(self):

@@ -46,19 +46,29 @@ class PasteReconstructor:
     Working tensors in ``state.aux``: ``views`` (B, k, 3, H, W) uint8, what each scale sees of the
     current frame; ``level`` (B, H, W) int8, the finest scale pasted on each pixel this frame (-1:
     none). Each gaze touches only the square it covers.
+
+    Args:
+        grid: the patch geometry.
+        initial: ``"grey"`` (128) or ``"black"`` (0) canvas at ``t = 0``.
+        kernel: ``"torch"`` (default) or ``"cupy"``: with ``"cupy"``, gazes on CUDA tensors run
+            the fused kernel of ``rewards.cuda`` (paste + pixel-error delta in one launch) when
+            CuPy imports and the loss is l1 / mse / psnr; otherwise the torch code runs.
     """
 
-    def __init__(self, grid: PatchGrid, initial: str = "grey") -> None:
+    def __init__(self, grid: PatchGrid, initial: str = "grey", kernel: str = "torch") -> None:
         if initial not in ("grey", "black"):
             raise ValueError(f"initial must be 'grey' or 'black', got {initial!r}")
+        if kernel not in ("torch", "cupy"):
+            raise ValueError(f"kernel must be 'torch' or 'cupy', got {kernel!r}")
         self.grid = grid
         self.initial_value = 128 if initial == "grey" else 0
-        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.kernel = kernel
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
-    def _geometry(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """(N, 3) int64 (scale, row, col) of every patch, cached per device."""
         if device not in self._tables:
-            g = self.grid
-            self._tables[device] = (g.regions[:, :2].to(device), g.patch_scale.to(device))
+            self._tables[device] = self.grid.table.to(device)
         return self._tables[device]
 
     def init(self, state: GazeState) -> None:
@@ -73,31 +83,53 @@ class PasteReconstructor:
     def gaze(
         self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None
     ) -> torch.Tensor | None:
-        grid = self.grid
-        corners, patch_scale = self._geometry(state.device)
-        B = state.batch_size
-        a = action.clamp(0, grid.num_patches - 1)  # rows without a gaze point somewhere harmless
-        y0, x0 = corners[a].unbind(1)  # (B,), (B,)
-        scale = patch_scale[a]  # (B,)
-        t = state.frame_t
-        canvas, views, level = state.canvas, state.aux["views"], state.aux["level"]
-        b = torch.arange(B, device=state.device)[:, None, None]  # (B, 1, 1)
-        delta = torch.zeros(B, dtype=torch.float64, device=state.device) if pixel_error is not None else None
-        for k, side in enumerate(grid.region_sizes):
-            sel = active & (scale == k)  # (B,)
-            ar = torch.arange(side, device=state.device)
-            last = grid.frame_size - side  # rows gazing another scale read an in-bounds square, unwritten
-            iy = (y0.clamp(max=last)[:, None] + ar)[:, :, None]  # (B, R, 1)
-            ix = (x0.clamp(max=last)[:, None] + ar)[:, None, :]  # (B, 1, R)
-            old = canvas[b, :, iy, ix]  # (B, R, R, 3)
-            lvl = level[b, iy, ix]  # (B, R, R)
-            write = sel[:, None, None] & (lvl <= k)  # (B, R, R)
-            new = torch.where(write[..., None], views[b, k, :, iy, ix], old)  # (B, R, R, 3)
-            canvas[b, :, iy, ix] = new
-            level[b, iy, ix] = torch.where(write, torch.full_like(lvl, k), lvl)
-            if delta is not None:
-                target = state.video[b, t[:, None, None], :, iy, ix].float().div_(255)  # (B, R, R, 3)
-                err_new = pixel_error(target, new.float().div_(255))
-                err_old = pixel_error(target, old.float().div_(255))
-                delta += (err_new - err_old).flatten(1).sum(1).double()
-        return delta
+        if self.kernel == "cupy" and state.device.type == "cuda":
+            from rewards import cuda
+
+            if cuda.supports(state, pixel_error):
+                return cuda.paste_gaze(self.grid, state, action, active, pixel_error)
+        return paste_gaze(self.grid, state, action, active, pixel_error, self._table(state.device))
+
+
+def paste_gaze(
+    grid: PatchGrid,
+    state: GazeState,
+    action: torch.Tensor,
+    active: torch.Tensor,
+    pixel_error=None,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Paste gaze ``action`` (B,) int64 where ``active`` (B,) bool, in place; the torch reference.
+
+    Rows are grouped by the scale of their patch; a patch of scale ``k`` covers one tile of the
+    ``g_k x g_k`` grid of ``R_k x R_k`` squares, so each group reads and writes its tiles through
+    a ``(B, 3, g, R, g, R)`` view of the canvas: the work is the gazed squares, nothing more.
+
+    Returns (B,) float64: the change of the summed ``pixel_error`` over the current frame (0 for
+    inactive rows), or None without ``pixel_error``. Each row's change is the float32 sum of its
+    square's per-element changes, summed in float64.
+    """
+    B, T = state.batch_size, state.num_frames
+    table = grid.table.to(state.device) if table is None else table  # (N, 3)
+    patch = table[action.clamp(0, grid.num_patches - 1)]  # (B, 3): (scale, row, col)
+    canvas, views, level = state.canvas, state.aux["views"], state.aux["level"]
+    delta = torch.zeros(B, dtype=torch.float64, device=state.device) if pixel_error is not None else None
+    for k, (g, R) in enumerate(zip(grid.grid_sizes, grid.region_sizes)):
+        rows = (active & (patch[:, 0] == k)).nonzero()[:, 0]  # (M,)
+        if rows.numel() == 0:
+            continue
+        r, c = patch[rows, 1], patch[rows, 2]  # (M,), (M,)
+        tiles = canvas.view(B, 3, g, R, g, R)
+        level_tiles = level.view(B, g, R, g, R)
+        old = tiles[rows, :, r, :, c, :]  # (M, 3, R, R)
+        lvl = level_tiles[rows, r, :, c, :]  # (M, R, R)
+        write = lvl <= k  # (M, R, R): finer scales pasted earlier this frame stay
+        new = torch.where(write[:, None], views[:, k].view(B, 3, g, R, g, R)[rows, :, r, :, c, :], old)
+        tiles[rows, :, r, :, c, :] = new
+        level_tiles[rows, r, :, c, :] = torch.where(write, torch.full_like(lvl, k), lvl)
+        if delta is not None:
+            t = state.frame_t[rows]
+            target = state.video.view(B, T, 3, g, R, g, R)[rows, t, :, r, :, c, :].float().div_(255)
+            change = pixel_error(target, new.float().div_(255)) - pixel_error(target, old.float().div_(255))
+            delta[rows] = change.reshape(rows.numel(), -1).double().sum(1)  # float64: batch-size invariant
+    return delta

@@ -42,7 +42,28 @@ def test_autogaze_env__default_data_and_module_style_id():
     assert env.action_space == gymnasium.spaces.Discrete(85)
     assert obs["frame"].shape == (3, 64, 64) and obs["frame"].dtype == np.uint8
     assert obs["action_mask"].dtype == np.bool_ and not obs["action_mask"][-1]  # STOP needs 1 gaze
-    assert info["frame_loss"].shape == (0,)
+    assert "frame_loss" not in info and "frame_end_loss" not in info
+
+
+def test_autogaze_env__infos_report_frame_ends_and_batch_in_the_sync_vector_env():
+    env = gymnasium.make("AutoGaze-v0", videos=random_clips(1), frame_budgets=[1] * 8)
+    env.reset(seed=0)
+    ended = []
+    for t in range(8):
+        _, _, term, _, info = env.step(0)
+        assert info["frame_end_index"] == t
+        ended.append(info["frame_end_loss"])
+    assert term and info["frame_loss"].shape == (8,) and np.array_equal(info["frame_loss"], ended)
+    envs = gymnasium.make_vec("AutoGaze-v0", num_envs=2, vectorization_mode="sync", videos=random_clips(2))
+    obs, _ = envs.reset(seed=0)
+    ended = 0
+    for _ in range(80):  # tiny budget 8: frames end every 8 steps, episodes after 64 (then autoreset)
+        first_valid = np.where(obs["action_mask"].any(1), obs["action_mask"].argmax(1), 0)
+        obs, _, term, _, infos = envs.step(first_valid)
+        ended += int(infos.get("_frame_end_loss", np.zeros(2, bool)).sum())
+        if term.any():
+            assert infos["frame_loss"].shape == (2, 8) and infos["_frame_loss"].tolist() == term.tolist()
+    assert infos["loss"].shape == (2,) and ended >= 16
 
 
 def test_autogaze_env__small_preset_from_the_shell():
