@@ -182,8 +182,8 @@ class AutoGazeEnv(gym.Env):
         # the step that ends it, all frames' losses on the step that ends the episode.
         frame_loss = info.pop("frame_loss")
         if tr is not None and bool(tr.frame_end[0]):
-            info["frame_end_loss"] = np.float32(tr.loss_after[0])
-            info["frame_end_index"] = np.int64(tr.frame_index[0])
+            info["frame_end_loss"] = np.float32(tr.loss_after[0].item())
+            info["frame_end_index"] = np.int64(tr.frame_index[0].item())
         if bool(self.state.done[0]):
             info["frame_loss"] = frame_loss
         return info

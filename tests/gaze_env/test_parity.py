@@ -45,10 +45,10 @@ class Fronts:
         v_obs, v_info = vec_out[0], vec_out[-1]
         for k in OBS_KEYS:
             np.testing.assert_array_equal(g_obs[k], v_obs[k][i], err_msg=k)
-            np.testing.assert_array_equal(g_obs[k], td[k][i].numpy(), err_msg=k)
+            np.testing.assert_array_equal(g_obs[k], td[k][i].cpu().numpy(), err_msg=k)
         for v_loss in (v_info["loss"][i], td["info", "loss"][i].item()):
             assert g_info["loss"] == v_loss
-        for row in (v_info["frame_loss"][i], td["info", "frame_loss"][i].numpy()):
+        for row in (v_info["frame_loss"][i], td["info", "frame_loss"][i].cpu().numpy()):
             if "frame_end_index" in g_info:
                 assert row[g_info["frame_end_index"]] == g_info["frame_end_loss"]
             if "frame_loss" in g_info:
@@ -66,11 +66,11 @@ class Fronts:
                 trl_actions.append(a)
             else:  # an ended row: the batched envs restarted it, the gym env is done
                 vec_actions.append(first_valid(self.vec_obs[0]["action_mask"][i]))
-                trl_actions.append(first_valid(self.trl_td["action_mask"][i]))
+                trl_actions.append(first_valid(self.trl_td["action_mask"][i].cpu()))
         for i, env in enumerate(self.gyms):
             gym_outs.append(env.step(vec_actions[i]) if self.alive[i] else None)
         self.vec_obs = self.vec.step(np.array(vec_actions))
-        self.trl_td["action"] = torch.tensor(trl_actions)
+        self.trl_td["action"] = torch.tensor(trl_actions, device=self.trl_td.device)
         td, self.trl_td = self.trl.step_and_maybe_reset(self.trl_td)
         step_td = td["next"]
         for i, out in enumerate(gym_outs):
@@ -89,10 +89,20 @@ class Fronts:
     ],
     ids=["frame-l1", "dense-mse-cost", "frame-ssim-skip"],
 )
-def test_parity__gym_vector_and_torchrl_envs_agree_step_by_step(kwargs):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_parity__gym_vector_and_torchrl_envs_agree_step_by_step(kwargs, device):
     # different budgets per row so that frames (and episodes) end at different steps
     budgets = np.array([[2] * T, [3] * T, [1, 4, 1, 4, 1, 4, 1, 4]])
-    fronts = Fronts([2, 0, 5], budgets, **kwargs)
+    fronts = Fronts([2, 0, 5], budgets, device=device, **kwargs)
     for i in range(fronts.B):
         fronts.assert_same(i, fronts.gym_obs[i], fronts.vec_obs, fronts.trl_td)
     gen = np.random.default_rng(0)
