@@ -33,3 +33,26 @@ lint: setup  ## ruff over the code
 
 data: setup  ## materialise the embedded default data set under data/default (PRESET=tiny|small|paper)
 	$(PY) -m experiments.prepare_data --preset $(PRESET)
+
+.PHONY: collect-expert train-bc
+COLLECT_ARGS ?=
+BC_ARGS ?=
+
+collect-expert: setup  ## label clips with the greedy oracle into data/expert/$(PRESET) (COLLECT_ARGS="--num-clips 4096")
+	$(PY) -m experiments.collect_expert --preset $(PRESET) $(COLLECT_ARGS)
+
+train-bc: setup  ## behaviour cloning on the oracle's gazes (labels data first if missing) -> runs/bc/$(PRESET)/final (BC_ARGS="--resume")
+	$(PY) -m experiments.train_bc --preset $(PRESET) $(BC_ARGS)
+
+.PHONY: train-rl
+ALGO ?= grpo
+RL_ARGS ?=
+
+train-rl: setup  ## RL fine-tuning of the BC policy (ALGO=grpo|ppo) -> runs/rl/$(PRESET)/$(ALGO)/final (RL_ARGS="--resume")
+	$(PY) -m experiments.train_rl --preset $(PRESET) --algo $(ALGO) $(RL_ARGS)
+
+.PHONY: bench
+BENCH_ARGS ?=
+
+bench: setup  ## env throughput of every front-end -> docs/benchmarks.md (BENCH_ARGS="--device cuda --presets paper")
+	$(PY) -m experiments.bench --presets tiny,small --batch-sizes 1,64,1024 --threads 1 $(BENCH_ARGS)
