@@ -56,3 +56,9 @@ BENCH_ARGS ?=
 
 bench: setup  ## env throughput of every front-end -> docs/benchmarks.md (BENCH_ARGS="--device cuda --presets paper")
 	$(PY) -m experiments.bench --presets tiny,small --batch-sizes 1,64,1024 --threads 1 $(BENCH_ARGS)
+
+.PHONY: train-recon
+RECON_ARGS ?=
+
+train-recon: setup  ## train the learned MAE reconstructor (reward="mae") -> runs/recon/$(PRESET)/final (RECON_ARGS="--resume latest")
+	$(PY) -m experiments.train_recon --preset $(PRESET) $(RECON_ARGS)

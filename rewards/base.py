@@ -111,7 +111,11 @@ def _dense(loss="l1", gaze_cost: float = 0.0, loss_threshold: float | None = Non
     return DenseReward(make_loss(loss), float(gaze_cost), loss_threshold)
 
 
-REGISTRY: dict[str, Callable[..., RewardFn] | str] = {"frame": _frame, "dense": _dense}
+REGISTRY: dict[str, Callable[..., RewardFn] | str] = {
+    "frame": _frame,
+    "dense": _dense,
+    "mae": "rewards.mae:make_mae_reward",
+}
 """Name -> factory(**reward_kwargs), or a lazily imported ``"module:factory"`` path."""
 
 

@@ -32,6 +32,10 @@ class Reconstructor(Protocol):
         holds it. May return the change (B,) float64 of the summed ``pixel_error`` over the frame
         (when given and cheap to compute), else ``None`` and the core recomputes the loss."""
 
+    # Optional: ``end_frame(state, rows, loss_fn) -> (M,)``: the loss of rows ``rows`` whose frame
+    # just ended, when the reconstructor scores frame ends differently from the running canvas
+    # (the learned MAE does); the core then records it as the frame's loss.
+
 
 class PasteReconstructor:
     """Training-free "paste" canvas.
