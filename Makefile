@@ -62,3 +62,12 @@ RECON_ARGS ?=
 
 train-recon: setup  ## train the learned MAE reconstructor (reward="mae") -> runs/recon/$(PRESET)/final (RECON_ARGS="--resume latest")
 	$(PY) -m experiments.train_recon --preset $(PRESET) $(RECON_ARGS)
+
+.PHONY: eval
+POLICY ?= auto
+VIDEOS ?=
+OUT ?=
+EVAL_ARGS ?=
+
+eval: setup  ## policies vs every baseline: loss-ratio curves, Table-3 analogue, stopping, calibration, plots, GIFs -> runs/eval/$(PRESET) (POLICY="runs/bc/tiny/final rl=runs/rl/tiny/grpo/final" VIDEOS=dir OUT=dir EVAL_ARGS="--num-clips 64")
+	$(PY) -m experiments.evaluate --preset $(PRESET) --policy $(POLICY) $(if $(VIDEOS),--videos $(VIDEOS)) $(if $(OUT),--out $(OUT)) $(EVAL_ARGS)

@@ -12,19 +12,44 @@ entries come first in every row (padding at the end):
 - ``policy_gradient_loss``: ``-sum(ratio * advantage)`` on-policy (ratio = 1 with gradient), with
   optional PPO clipping, a KL term towards a reference (BC) policy, and token / sequence / sum
   aggregation.
+- ``loss_prediction_loss``: L2 of the policy's predicted frame loss against the actual one.
 
 TorchRL's ``MCAdvantage`` normalises trajectory returns by the group std and broadcasts one value
 per trajectory; the paper's advantage is per gaze and unnormalised, so it is written here.
+
+On top of the math, one GRPO iteration (``grpo_step``) is:
+
+1. ``group_budgets``: per clip, the per-frame gaze counts every rollout of its group will use
+   (paper: the counts of one greedy rollout stopped by the policy's own task-loss prediction);
+2. ``collect``: ``G`` sampled rollouts per clip under those counts (``agents.rollout``), scored
+   by the environment, the same reward frames for the whole group;
+3. ``grpo_advantage``: discounted returns and group-relative advantages;
+4. ``grpo_update``: ``epochs`` passes of ``minibatches`` whole groups, each one teacher-forced
+   ``policy.score`` and one optimizer step on ``grpo_loss`` (policy gradient + loss head).
+
+``agents.ppo`` reuses 1, 2 and 4's plumbing with a critic and GAE instead of the group baseline.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from tensordict import TensorDict
 
+from agents.policy import AutoGazePolicy, preprocess
+from agents.rollout import device_clock, rollout
+from gaze_env.config import budget_for_ratio
+from gaze_env.core import CoreParams
+from rewards.base import RewardFn
+from rewards.mae import sample_gaze_counts
+
 Aggregate = Literal["sum", "token", "sequence"]
+BudgetMode = Literal["threshold", "sampled", "fixed"]
+LossPredSteps = Literal["all", "frame_end"]
 
 
 def discounted_returns(reward: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -111,3 +136,411 @@ def policy_gradient_loss(
         out["loss_kl"] = kl_coef * aggregate(k3, valid, aggregation)
         out["kl_ref"] = aggregate(k3.detach(), valid, "token")
     return TensorDict(out, batch_size=[])
+
+
+def loss_prediction_loss(
+    loss_pred: torch.Tensor,
+    loss_after: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    coef: float = 1.0,
+    aggregation: Aggregate = "sum",
+) -> TensorDict:
+    """Train the task-loss head on the losses the environment measured.
+
+    (B, L) predicted frame loss after each step, (B, L) actual loss after it, (B, L) bool steps to
+    train on -> ``loss_pred = coef * agg((loss_pred - loss_after)^2)`` (aggregated like the policy
+    loss, so ``coef`` weighs the two whatever the aggregation) and the diagnostic
+    ``loss_pred_abs_err`` (mean absolute error over the steps)."""
+    target = torch.where(mask, loss_after, torch.zeros_like(loss_after)).detach()
+    err = torch.where(mask, loss_pred - target, torch.zeros_like(loss_pred))
+    return TensorDict(
+        {
+            "loss_pred": coef * aggregate(err.pow(2), mask, aggregation),
+            "loss_pred_abs_err": aggregate(err.detach().abs(), mask, "token"),
+        },
+        batch_size=[],
+    )
+
+
+def frame_end_steps(frame_id: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the last valid step of every frame (a gaze that used up the budget, or STOP)."""
+    nxt_valid = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], 1)
+    nxt_frame = torch.cat([frame_id[:, 1:], frame_id[:, -1:]], 1)
+    return valid & (~nxt_valid | (nxt_frame != frame_id))
+
+
+def annealed_temperature(progress: float, start: float, end: float) -> float:
+    """Sampling temperature at ``progress`` in [0, 1] of training: geometric from ``start`` to
+    ``end`` (equal steps in log-temperature, so the cold end is not rushed)."""
+    if start <= 0 or end <= 0:
+        raise ValueError(f"temperatures must be > 0, got start={start}, end={end}")
+    return start * (end / start) ** min(max(progress, 0.0), 1.0)
+
+
+# ---- groups of rollouts ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupBudgets:
+    """How the per-frame gaze counts a group of rollouts shares are chosen."""
+
+    mode: BudgetMode = "threshold"
+    """``threshold`` (paper): the per-frame gaze counts of one greedy rollout of the current policy
+    that stops each frame once its predicted loss is at most ``task_loss_requirement``;
+    ``sampled``: a per-clip gazing ratio ~ exponential truncated to ``ratio_range``, split over the
+    frames by a Dirichlet (``alpha_first`` / ``alpha_rest``), like the behaviour-cloning labels;
+    ``fixed``: the environment config's budgets."""
+    task_loss_requirement: float = 0.05
+    """Stop threshold of the ``threshold`` rollout (a value of the environment's loss)."""
+    max_ratio: float = 0.3
+    """Per-frame gaze cap of the ``threshold`` rollout, as a fraction of the N patches."""
+    ratio_range: tuple[float, float] = (0.02, 0.2)
+    """``sampled``: range of the per-clip gazing ratio."""
+    ratio_scale: float = 0.05
+    """``sampled``: mean of the exponential the ratio is drawn from (before truncation)."""
+    alpha_first: int = 10
+    """``sampled``: Dirichlet concentration of the first frame's share."""
+    alpha_rest: int = 3
+    """``sampled``: Dirichlet concentration of every later frame's share."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("threshold", "sampled", "fixed"):
+            raise ValueError(f"budget mode must be 'threshold', 'sampled' or 'fixed', got {self.mode!r}")
+        if not 0 < self.max_ratio <= 1:
+            raise ValueError(f"max_ratio must lie in (0, 1], got {self.max_ratio}")
+
+
+@torch.no_grad()
+def group_budgets(
+    policy: AutoGazePolicy,
+    params: CoreParams,
+    video: torch.Tensor,
+    spec: GroupBudgets,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(n, T) int64 per-frame gaze counts for ``n`` clips ``video`` (n, T, 3, H, W) uint8, each
+    in ``[max(1, min_gazes_per_frame), N]`` (see :class:`GroupBudgets`); ``sampled`` draws from
+    ``generator``."""
+    cfg = params.config
+    n, T, N = video.shape[0], cfg.num_frames, cfg.grid.num_patches
+    lo = max(1, cfg.min_gazes_per_frame)
+    if spec.mode == "fixed":
+        counts = torch.tensor(cfg.budgets, device=video.device).expand(n, T)
+    elif spec.mode == "sampled":
+        if generator is None:
+            raise ValueError("sampled budgets need an explicit torch.Generator")
+        counts = sample_gaze_counts(
+            n,
+            T,
+            N,
+            generator,
+            ratio_range=spec.ratio_range,
+            ratio_scale=spec.ratio_scale,
+            alpha_first=spec.alpha_first,
+            alpha_rest=spec.alpha_rest,
+        ).to(video.device)
+    else:
+        gazes = policy.generate(
+            preprocess(video),
+            frame_budgets=budget_for_ratio(spec.max_ratio, N, lo),
+            task_loss_requirement=spec.task_loss_requirement,
+            temperature=0.0,
+            min_gazes_per_frame=lo,
+        )
+        counts = gazes.num_gazes
+    return counts.clamp(lo, N).to(torch.int64).contiguous()
+
+
+def scored_frames(params: CoreParams, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(n, T) bool frames the ``frame`` reward scores, drawn like ``core.reset`` does: every frame
+    when ``reward_frame_rate >= 1``, else ``max(1, round(rate * T))`` distinct frames per clip."""
+    cfg = params.config
+    T = cfg.num_frames
+    if cfg.reward_frame_rate >= 1.0:
+        return torch.ones(n, T, dtype=torch.bool, device=device)
+    if generator is None:
+        raise ValueError("reward_frame_rate < 1 draws the scored frames: pass an explicit torch.Generator")
+    m = max(1, round(cfg.reward_frame_rate * T))
+    order = torch.rand(n, T, generator=generator, device=generator.device).argsort(dim=1)[:, :m].to(device)
+    return torch.zeros(n, T, dtype=torch.bool, device=device).scatter_(1, order, True)
+
+
+def collect(
+    policy: AutoGazePolicy,
+    params: CoreParams,
+    reward_fn: RewardFn,
+    video: torch.Tensor,
+    budgets: torch.Tensor,
+    group_size: int,
+    *,
+    temperature: float,
+    generator: torch.Generator,
+    timings: dict[str, float] | None = None,
+) -> TensorDict:
+    """``group_size`` sampled rollouts of each of ``n`` clips ``video`` (n, T, 3, H, W) uint8,
+    all rollouts of a clip under its per-frame counts ``budgets`` (n, T) and scored on the same
+    reward frames.
+
+    Returns the trajectory TensorDict of :func:`agents.rollout.rollout`, batch ``[n * G]`` (the
+    G rollouts of clip ``i`` are rows ``i * G .. i * G + G - 1``), plus ``temperature`` (n * G,).
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    n = video.shape[0]
+    frames = scored_frames(params, n, generator, video.device)
+    batch = rollout(
+        policy,
+        params,
+        reward_fn,
+        video.repeat_interleave(group_size, 0),
+        budgets=budgets.repeat_interleave(group_size, 0),
+        temperature=temperature,
+        generator=generator,
+        reward_frames=frames.repeat_interleave(group_size, 0),
+        timings=timings,
+    )
+    batch["temperature"] = torch.full((n * group_size,), float(temperature), device=video.device)
+    return batch
+
+
+def trajectory_stats(batch: TensorDict, num_patches: int) -> dict[str, float]:
+    """Diagnostics of a batch of rollouts: mean episode return, mean per-frame loss, gazing ratio,
+    and the mean absolute error of the loss prediction the rollouts were generated with."""
+    valid = batch["valid"]
+    gaze = valid & (batch["action"] != num_patches)
+    T = batch["frame_loss"].shape[1]
+    return {
+        "episode_return": float(batch["reward"].sum(1).mean()),
+        "frame_loss": float(batch["frame_loss"].mean()),
+        "gazing_ratio": float(gaze.sum(1).float().mean()) / (T * num_patches),
+        "rollout_loss_pred_abs_err": float(aggregate((batch["loss_pred"] - batch["loss_after"]).abs(), gaze, "token")),
+    }
+
+
+def minibatch_update(
+    policy: AutoGazePolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: TensorDict,
+    loss_fn: Callable[[TensorDict], TensorDict],
+    *,
+    group_size: int,
+    epochs: int,
+    minibatches: int,
+    max_grad_norm: float | None,
+    micro_batch: int | None = None,
+    summed: bool = False,
+    amp: bool = False,
+    generator: torch.Generator | None = None,
+) -> TensorDict:
+    """``epochs`` passes over ``batch`` in ``minibatches`` minibatches of whole groups (shuffled
+    with ``generator`` when there are several), one optimizer step on the sum of ``loss_fn``'s
+    ``loss_*`` entries each.
+
+    ``micro_batch`` rollouts go through ``loss_fn`` at a time, gradients accumulated, to bound
+    memory: with ``summed`` (the loss sums over rollouts) the parts add up to the minibatch's
+    loss; otherwise (a mean) each part is weighted by its share of rollouts, exact for means over
+    rollouts and close for means over steps. ``amp``: bf16 autocast of ``loss_fn`` on CUDA.
+    Returns the mean of every entry over the optimizer steps, and ``grad_norm``."""
+    B = batch.batch_size[0]
+    n = B // group_size
+    if n * group_size != B or not 1 <= minibatches <= n:
+        raise ValueError(f"{B} rollouts in groups of {group_size} cannot form {minibatches} minibatches")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    device_type = batch.device.type if batch.device is not None else "cpu"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and device_type == "cuda")
+    members = torch.arange(group_size)
+    records = []
+    for _ in range(epochs):
+        if minibatches > 1:
+            gen_device = generator.device if generator is not None else "cpu"
+            groups = torch.randperm(n, generator=generator, device=gen_device).cpu()
+        else:
+            groups = torch.arange(n)
+        for chunk in groups.chunk(minibatches):
+            rows = (chunk[:, None] * group_size + members).flatten().to(batch.device)
+            optimizer.zero_grad(set_to_none=True)
+            total: dict[str, torch.Tensor] = {}
+            for part in rows.split(micro_batch or rows.numel()):
+                share = part.numel() / rows.numel()
+                with autocast:  # padding costs little: score sizes its sequence by the valid steps
+                    out = loss_fn(batch[part])
+                loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                ((1.0 if summed else share) * loss).backward()
+                for k, v in out.items():
+                    w = 1.0 if summed and k.startswith("loss_") else share
+                    total[k] = total.get(k, 0.0) + w * v.detach().float()
+            total["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or math.inf)
+            optimizer.step()
+            records.append(TensorDict(total, batch_size=[]))
+    return torch.stack(records).apply(lambda x: x.float().mean(0), batch_size=[])
+
+
+# ---- GRPO ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO hyper-parameters (paper defaults where the paper gives one)."""
+
+    group_size: int = 12
+    """G: rollouts per clip (paper 12); they share their per-frame gaze counts."""
+    gamma: float = 0.995
+    """Discount per gaze step (paper 0.995)."""
+    std_normalize: bool = False
+    """Divide advantages by the group's std at each step (paper: no)."""
+    aggregation: Aggregate = "sum"
+    """How per-step losses are reduced: sum (paper), token or sequence."""
+    clip_eps: float | None = None
+    """PPO-style ratio clipping (paper: none, on-policy)."""
+    epochs: int = 1
+    """Passes over each batch of rollouts (paper: 1, on-policy)."""
+    minibatches: int = 1
+    """Optimizer steps per pass (each over whole groups)."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL term towards the reference (BC) policy (paper: 0)."""
+    loss_pred_coef: float = 1.0
+    """Weight of the task-loss head's L2 on the measured losses."""
+    loss_pred_steps: LossPredSteps = "all"
+    """Steps the loss head learns from: every step, or only frame ends (for reconstructors that
+    only score frame ends, like the learned MAE)."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping (None: off)."""
+    micro_batch: int | None = None
+    """Rollouts per forward / backward pass of the update (None: the whole minibatch)."""
+    amp: bool = False
+    """bf16 autocast of the update's teacher-forced pass on CUDA."""
+    budgets: GroupBudgets = field(default_factory=GroupBudgets)
+    """How each group's per-frame gaze counts are chosen."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"GRPO needs group_size >= 2 (a group mean), got {self.group_size}")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
+        if self.clip_eps is None and self.epochs * self.minibatches > 1:
+            raise ValueError(
+                f"{self.epochs} epochs x {self.minibatches} minibatches reuse rollouts off-policy: set clip_eps"
+            )
+
+
+def grpo_advantage(batch: TensorDict, cfg: GRPOConfig) -> TensorDict:
+    """Add ``return`` (discounted in gaze steps) and ``advantage`` (group-relative) to ``batch``
+    (rows grouped as :func:`collect` makes them); returns it."""
+    batch["return"] = discounted_returns(batch["reward"], batch["valid"], cfg.gamma)
+    batch["advantage"] = group_relative_advantage(
+        batch["return"], batch["valid"], cfg.group_size, std_normalize=cfg.std_normalize
+    )
+    return batch
+
+
+def loss_pred_mask(batch: TensorDict, steps: LossPredSteps) -> torch.Tensor:
+    """(B, L) bool steps whose measured loss trains the loss head."""
+    if steps == "frame_end":
+        return frame_end_steps(batch["frame_id"], batch["valid"])
+    return batch["valid"]
+
+
+def grpo_loss(policy: AutoGazePolicy, batch: TensorDict, cfg: GRPOConfig) -> TensorDict:
+    """GRPO loss of a batch of rollouts with ``advantage`` (and ``ref_log_prob`` for the KL term):
+    one teacher-forced pass at the rollouts' temperature. Returns ``loss_objective``,
+    ``loss_pred`` (and ``loss_kl``) plus diagnostics (``ratio``, ``clip_fraction``,
+    ``approx_kl``, ``advantage_abs``, ``entropy``, ``loss_pred_abs_err``)."""
+    temperature = float(batch["temperature"][0])
+    scored = policy.score(
+        preprocess(batch["video"]), batch["action"], batch["frame_id"], batch["valid"], temperature=temperature
+    )
+    gaze = batch["valid"] & (batch["action"] != policy.config.stop_id)  # STOP comes from the stop rule
+    out = policy_gradient_loss(
+        scored["log_prob"],
+        batch["log_prob"],
+        batch["advantage"],
+        gaze,
+        clip_eps=cfg.clip_eps,
+        ref_log_prob=batch.get("ref_log_prob", None),
+        kl_coef=cfg.kl_coef,
+        aggregation=cfg.aggregation,
+    )
+    out.update(
+        loss_prediction_loss(
+            scored["loss_pred"],
+            batch["loss_after"],
+            loss_pred_mask(batch, cfg.loss_pred_steps),
+            coef=cfg.loss_pred_coef,
+            aggregation=cfg.aggregation,
+        )
+    )
+    out["entropy"] = aggregate(scored["entropy"].detach(), gaze, "token")
+    return out
+
+
+def grpo_update(
+    policy: AutoGazePolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: TensorDict,
+    cfg: GRPOConfig,
+    *,
+    ref_policy: AutoGazePolicy | None = None,
+    generator: torch.Generator | None = None,
+) -> TensorDict:
+    """Optimise ``grpo_loss`` on a batch with advantages (``epochs`` x ``minibatches`` steps);
+    ``ref_policy`` (frozen) scores the batch once for the KL term. Returns mean diagnostics."""
+    if ref_policy is not None and cfg.kl_coef:
+        with torch.no_grad():
+            batch["ref_log_prob"] = ref_policy.score(
+                preprocess(batch["video"]),
+                batch["action"],
+                batch["frame_id"],
+                batch["valid"],
+                temperature=float(batch["temperature"][0]),
+            )["log_prob"]
+    return minibatch_update(
+        policy,
+        optimizer,
+        batch,
+        lambda mb: grpo_loss(policy, mb, cfg),
+        group_size=cfg.group_size,
+        epochs=cfg.epochs,
+        minibatches=cfg.minibatches,
+        max_grad_norm=cfg.max_grad_norm,
+        micro_batch=cfg.micro_batch,
+        summed=cfg.aggregation == "sum",
+        amp=cfg.amp,
+        generator=generator,
+    )
+
+
+def grpo_step(
+    policy: AutoGazePolicy,
+    optimizer: torch.optim.Optimizer,
+    params: CoreParams,
+    reward_fn: RewardFn,
+    video: torch.Tensor,
+    cfg: GRPOConfig,
+    *,
+    temperature: float,
+    generator: torch.Generator,
+    ref_policy: AutoGazePolicy | None = None,
+) -> TensorDict:
+    """One GRPO iteration on ``n`` clips ``video`` (n, T, 3, H, W) uint8: group budgets, ``n * G``
+    rollouts at ``temperature``, advantages, update.
+
+    Returns a TensorDict of the ``loss_*`` entries and diagnostics (see :func:`grpo_loss`,
+    :func:`trajectory_stats`), ``temperature``, ``episodes`` and the seconds spent in
+    ``time_budgets`` (the threshold rollout), ``time_generate`` (sampling the rollouts),
+    ``time_replay`` (environment and reward) and ``time_update``.
+    """
+    timings: dict[str, float] = {}
+    start = device_clock(video.device)
+    budgets = group_budgets(policy, params, video, cfg.budgets, generator)
+    timings["budgets"] = device_clock(video.device) - start
+    batch = collect(
+        policy, params, reward_fn, video, budgets, cfg.group_size, temperature=temperature, generator=generator,
+        timings=timings,
+    )
+    grpo_advantage(batch, cfg)
+    start = device_clock(video.device)
+    out = grpo_update(policy, optimizer, batch, cfg, ref_policy=ref_policy, generator=generator)
+    timings["update"] = device_clock(video.device) - start
+    out.update(trajectory_stats(batch, policy.config.num_patches))
+    out["temperature"] = float(temperature)
+    out["episodes"] = float(batch.batch_size[0])
+    out.update({f"time_{k}": v for k, v in timings.items()})
+    return out

@@ -559,6 +559,33 @@ class Gazes:
         return td
 
 
+class TeacherForced(NamedTuple):
+    """What :meth:`AutoGazePolicy.teacher_forced` returns (entries at invalid steps are meaningless)."""
+
+    hidden: Tensor  # (B, S, H) final hidden states of the whole sequence
+    pos: Tensor  # (B, L) int64 sequence row of each step's token
+    rank: Tensor  # (B, L) int64 index of each step in its frame
+    action: Tensor  # (B, L) int64 the actions, 0 at invalid steps
+    frame_id: Tensor  # (B, L) int64 the frame ids, 0 at invalid steps
+    valid: Tensor  # (B, L) bool
+
+
+def gazed_before(action: Tensor, frame_id: Tensor, valid: Tensor, num_frames: int, vocab_size: int) -> Tensor:
+    """(B, L, V) bool: the ids taken by valid steps before each step in the same frame.
+
+    action / frame_id (B, L) int64 in [0, V) / [0, num_frames) at valid steps, valid (B, L) bool;
+    the valid steps of a frame are contiguous and frames non-decreasing."""
+    B, L = action.shape
+    act, fid = torch.where(valid, action, 0), torch.where(valid, frame_id, 0)
+    onehot = F.one_hot(act, vocab_size) * valid[..., None]  # (B, L, V)
+    seen = onehot.cumsum(1) - onehot  # occurrences strictly before each step
+    frame_counts = torch.zeros(B, num_frames, vocab_size, dtype=onehot.dtype, device=action.device).index_put(
+        (torch.arange(B, device=action.device)[:, None].expand(B, L), fid), onehot, accumulate=True
+    )
+    earlier = (frame_counts.cumsum(1) - frame_counts).gather(1, fid[..., None].expand(-1, -1, vocab_size))
+    return (seen - earlier) > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # the policy
 # ---------------------------------------------------------------------------------------------
@@ -846,18 +873,29 @@ class AutoGazePolicy(nn.Module):
         (A, K) bool heads in use -> tokens (A, K) int64, log-probs (A, K) float32 (0 where not taken)."""
         A, K, _ = logits.shape
         scores = logits.masked_fill(used[:, None, :], float("-inf"))
+        if temperature == 0:
+            # Greedy: only the argmaxes are sequential. Row i of ``scores`` ends up masked with the
+            # picks of heads < i only, which is what head i chose from, so one log-softmax after the
+            # loop gives every head's log-prob (3 small ops per head instead of 9: decoding is
+            # launch-bound on GPUs). Rows of heads not taken may have no token left: their picks
+            # only mask later rows that are not taken either.
+            picks = []
+            for i in range(K):
+                tok = scores[:, i].argmax(-1)  # (A,)
+                picks.append(tok)
+                if i + 1 < K:
+                    scores[:, i + 1 :].scatter_(2, tok[:, None, None].expand(-1, K - i - 1, 1), float("-inf"))
+            tokens = torch.stack(picks, 1)  # (A, K)
+            logp = F.log_softmax(torch.where(take[..., None], scores, 0.0), dim=-1)
+            return tokens, torch.where(take, logp.gather(-1, tokens[..., None])[..., 0], 0.0)
         arange_a = torch.arange(A, device=logits.device)
         tokens = torch.zeros(A, K, dtype=torch.int64, device=logits.device)
         log_probs = torch.zeros(A, K, device=logits.device)
         for i in range(K):
             # heads not in use may have no token left: give them a harmless row
             s = torch.where(take[:, i, None], scores[:, i], 0.0)
-            if temperature > 0:
-                logp = F.log_softmax(s / temperature, dim=-1)
-                tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-            else:
-                logp = F.log_softmax(s, dim=-1)
-                tok = s.argmax(-1)
+            logp = F.log_softmax(s / temperature, dim=-1)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
             tokens[:, i] = tok
             log_probs[:, i] = torch.where(take[:, i], logp[arange_a, tok], 0.0)
             later = torch.arange(i + 1, K, device=logits.device)
@@ -985,7 +1023,62 @@ class AutoGazePolicy(nn.Module):
         only) and ``logits``; all 0 at invalid steps.
         """
         cfg = self.config
-        K, V, STOP, P, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.stop_id, cfg.tokens_per_frame, cfg.hidden_size
+        K, V, STOP, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.stop_id, cfg.hidden_size
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        hidden, pos, rank, act, fid, valid = self.teacher_forced(video, action, frame_id, valid)
+        B, T = video.shape[:2]
+        L = action.shape[1]
+        dev = video.device
+        b_idx = torch.arange(B, device=dev)
+
+        head = rank % K  # (B, L) the head that predicts each step ...
+        src = torch.where(valid, pos - head - 1, 0)  # ... from this row
+        after_head = (head + 1) % K
+        after_row = torch.where(valid, pos - after_head, 0)
+        h_src = hidden.gather(1, src[..., None].expand(-1, -1, H))  # (B, L, H)
+        dec = self.gazing_model.gaze_decoder
+        weight = dec.lm_head.weight.view(K, V, H)
+        logits = torch.zeros(B, L, V, dtype=hidden.dtype, device=dev)
+        for k in range(K):
+            sel = valid & (head == k)
+            if bool(sel.any()):
+                logits[sel] = h_src[sel] @ weight[k].T
+        logits = logits.float()
+        loss_all = dec.task_loss_prediction_head(hidden).float()  # (B, S, K)
+        loss_pred = loss_all[b_idx[:, None], after_row, after_head]
+
+        scores = logits / temperature
+        is_stop = act == STOP
+        if masked:
+            banned = gazed_before(act, fid, valid, T, V)
+            banned[..., STOP] = True
+            banned &= (valid & ~is_stop)[..., None]  # STOP and invalid steps are not scored: keep them finite
+            scores = scores.masked_fill(banned, float("-inf"))
+        logp_all = F.log_softmax(scores, dim=-1)
+        log_prob = logp_all.gather(-1, act[..., None])[..., 0]
+        entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isinf(logp_all), 0.0)).sum(-1)
+        drop = ~valid | (is_stop if masked else torch.zeros_like(valid))
+        out = {
+            "log_prob": log_prob.masked_fill(drop, 0.0),
+            "entropy": entropy.masked_fill(drop, 0.0),
+            "loss_pred": loss_pred.masked_fill(~valid, 0.0),
+        }
+        if self.value_head is not None:
+            value = self.value_head(hidden).float()[b_idx[:, None], src, head]
+            out["value"] = value.masked_fill(~valid, 0.0)
+        if return_logits:
+            out["logits"] = logits.masked_fill(~valid[..., None], 0.0)
+        return TensorDict(out, batch_size=[B, L], device=dev)
+
+    def teacher_forced(self, video: Tensor, action: Tensor, frame_id: Tensor, valid: Tensor) -> TeacherForced:
+        """The one teacher-forced decoder pass :meth:`score` and :meth:`multi_token_outputs` share.
+
+        Arguments as :meth:`score`. Returns the final hidden states of the whole sequence
+        ``[vision_0 (P), steps of frame 0, vision_1 (P), ...]`` and where every step sits in it.
+        """
+        cfg = self.config
+        STOP, P, H = cfg.stop_id, cfg.tokens_per_frame, cfg.hidden_size
         B, T = video.shape[:2]
         dev = video.device
         valid = valid.bool()
@@ -994,8 +1087,6 @@ class AutoGazePolicy(nn.Module):
                 f"action, frame_id and valid must share a shape (B={B}, L), got "
                 f"{tuple(action.shape)}, {tuple(frame_id.shape)}, {tuple(valid.shape)}"
             )
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         act = torch.where(valid, action, 0)
         fid = torch.where(valid, frame_id, 0)
         if bool(((act < 0) | (act > STOP)).any()) or bool(((fid < 0) | (fid >= T)).any()):
@@ -1018,7 +1109,8 @@ class AutoGazePolicy(nn.Module):
         embeds = torch.zeros(B, seq_len, H, dtype=tokens.dtype, device=dev)
         embeds = embeds.index_put((b_idx[:, None, None].expand_as(vis_pos), vis_pos), tokens)
         vb, vpos = b_idx[:, None].expand(B, L)[valid], pos[valid]
-        embeds = embeds.index_put((vb, vpos), self.gazing_model.gaze_decoder.model.embed_tokens(act[valid]))
+        gaze_embeds = self.gazing_model.gaze_decoder.model.embed_tokens(act[valid]).to(embeds.dtype)
+        embeds = embeds.index_put((vb, vpos), gaze_embeds)
         visible = torch.zeros(B, seq_len, dtype=torch.bool, device=dev)
         visible[b_idx[:, None, None].expand_as(vis_pos), vis_pos] = True
         visible[vb, vpos] = act[valid] != STOP
@@ -1026,51 +1118,47 @@ class AutoGazePolicy(nn.Module):
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
         mask = (visible[:, None, :] & causal)[:, None]  # (B, 1, S, S)
         hidden = self.gazing_model.gaze_decoder.model(embeds, positions, mask, None)  # (B, S, H)
+        return TeacherForced(hidden, pos, rank, act, fid, valid)
 
-        head = rank % K  # (B, L) the head that predicts each step ...
-        src = torch.where(valid, pos - head - 1, 0)  # ... from this row
-        after_head = (head + 1) % K
-        after_row = torch.where(valid, pos - after_head, 0)
-        h_src = hidden.gather(1, src[..., None].expand(-1, -1, H))  # (B, L, H)
+    def multi_token_outputs(self, video: Tensor, action: Tensor, frame_id: Tensor, valid: Tensor) -> TensorDict:
+        """Every head's prediction of every step, in one teacher-forced pass (multi-token training).
+
+        Head ``k`` at the row of step ``i`` of a frame predicts the frame's step ``i + 1 + k`` (the
+        row of the frame's last vision token counts as step ``-1``), and loss head ``k`` there the
+        frame's loss after step ``i + k``; generation reads head ``k`` only every ``K`` steps,
+        training reads all of them. Arguments as :meth:`score` (STOP steps are laid out as there).
+
+        Returns a TensorDict, batch [B, L]: ``logits`` (B, L, K, N + 1) float32, head ``k``'s raw
+        logits for step ``j``, made ``k + 1`` steps before it; ``logits_valid`` (B, L, K) bool, such
+        a row exists (``rank(j) >= k``) and ``j`` is valid; ``loss_pred`` (B, L, K) float32, loss
+        head ``k``'s prediction of the loss after step ``j``, made ``k`` steps before it (head 0:
+        at the step's own token); ``loss_pred_valid`` (B, L, K) bool (``rank(j) >= k - 1``).
+        Head 0 of ``logits`` and ``loss_pred`` equals :meth:`score`'s when ``K = 1``.
+        """
+        cfg = self.config
+        K, V, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.hidden_size
+        hidden, pos, rank, _, _, valid = self.teacher_forced(video, action, frame_id, valid)
+        B, L = action.shape
+        heads = torch.arange(K, device=video.device)
+        logits_valid = valid[..., None] & (rank[..., None] >= heads)  # (B, L, K)
+        src = torch.where(logits_valid, pos[..., None] - heads - 1, 0)  # (B, L, K) predicting rows
+        h_src = hidden.gather(1, src.view(B, L * K, 1).expand(-1, -1, H)).view(B, L, K, H)
         dec = self.gazing_model.gaze_decoder
-        weight = dec.lm_head.weight.view(K, V, H)
-        logits = torch.zeros(B, L, V, dtype=hidden.dtype, device=dev)
-        for k in range(K):
-            sel = valid & (head == k)
-            if bool(sel.any()):
-                logits[sel] = h_src[sel] @ weight[k].T
-        logits = logits.float()
-        loss_all = dec.task_loss_prediction_head(hidden).float()  # (B, S, K)
-        loss_pred = loss_all[b_idx[:, None], after_row, after_head]
-
-        scores = logits / temperature
-        is_stop = act == STOP
-        if masked:
-            onehot = F.one_hot(act, V) * valid[..., None]  # (B, L, V)
-            seen = onehot.cumsum(1) - onehot  # occurrences strictly before each step
-            frame_counts = torch.zeros(B, T, V, dtype=onehot.dtype, device=dev).index_put(
-                (b_idx[:, None].expand(B, L), fid), onehot, accumulate=True
-            )
-            earlier = (frame_counts.cumsum(1) - frame_counts).gather(1, fid[..., None].expand(-1, -1, V))
-            banned = (seen - earlier) > 0
-            banned[..., STOP] = True
-            banned &= (valid & ~is_stop)[..., None]  # STOP and invalid steps are not scored: keep them finite
-            scores = scores.masked_fill(banned, float("-inf"))
-        logp_all = F.log_softmax(scores, dim=-1)
-        log_prob = logp_all.gather(-1, act[..., None])[..., 0]
-        entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isinf(logp_all), 0.0)).sum(-1)
-        drop = ~valid | (is_stop if masked else torch.zeros_like(valid))
-        out = {
-            "log_prob": log_prob.masked_fill(drop, 0.0),
-            "entropy": entropy.masked_fill(drop, 0.0),
-            "loss_pred": loss_pred.masked_fill(~valid, 0.0),
-        }
-        if self.value_head is not None:
-            value = self.value_head(hidden).float()[b_idx[:, None], src, head]
-            out["value"] = value.masked_fill(~valid, 0.0)
-        if return_logits:
-            out["logits"] = logits.masked_fill(~valid[..., None], 0.0)
-        return TensorDict(out, batch_size=[B, L], device=dev)
+        logits = torch.einsum("blkh,kvh->blkv", h_src, dec.lm_head.weight.view(K, V, H)).float()
+        loss_valid = valid[..., None] & (rank[..., None] >= heads - 1)  # (B, L, K)
+        loss_row = torch.where(loss_valid, pos[..., None] - heads, 0)
+        h_loss = hidden.gather(1, loss_row.view(B, L * K, 1).expand(-1, -1, H)).view(B, L, K, H)
+        loss_pred = torch.einsum("blkh,kh->blk", h_loss, dec.task_loss_prediction_head.weight).float()
+        return TensorDict(
+            {
+                "logits": logits.masked_fill(~logits_valid[..., None], 0.0),
+                "logits_valid": logits_valid,
+                "loss_pred": loss_pred.masked_fill(~loss_valid, 0.0),
+                "loss_pred_valid": loss_valid,
+            },
+            batch_size=[B, L],
+            device=video.device,
+        )
 
     def score_official(
         self, video: Tensor, gazing_pos: Tensor, if_padded_gazing: Tensor, num_gazing_each_frame: Tensor

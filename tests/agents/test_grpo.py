@@ -1,9 +1,34 @@
 import math
+from copy import deepcopy
+from dataclasses import replace
 
 import pytest
 import torch
 
-from agents.grpo import aggregate, discounted_returns, group_relative_advantage, policy_gradient_loss
+from agents.baselines import make_baseline, run_episodes
+from agents.grpo import (
+    GroupBudgets,
+    GRPOConfig,
+    aggregate,
+    annealed_temperature,
+    collect,
+    discounted_returns,
+    frame_end_steps,
+    group_budgets,
+    group_relative_advantage,
+    grpo_advantage,
+    grpo_loss,
+    grpo_step,
+    grpo_update,
+    loss_prediction_loss,
+    policy_gradient_loss,
+)
+from agents.policy import AutoGazePolicy, preprocess
+from agents.rollout import rollout
+from gaze_env.builder import build
+from gaze_env.config import budget_for_ratio
+from gaze_env.video import moving_object_clip
+from tests.conftest import random_clips
 
 
 def test_discounted_returns__counts_discount_in_gaze_steps_across_frames():
@@ -75,3 +100,203 @@ def test_policy_gradient_loss__kl_term_is_zero_at_the_reference_and_positive_awa
     assert same["loss_kl"].item() == pytest.approx(0.0, abs=1e-7)
     other = policy_gradient_loss(lp, lp, torch.zeros(1, 3), valid, ref_log_prob=lp - 0.3, kl_coef=1.0)
     assert other["loss_kl"].item() > 0
+
+
+# ---- masking, loss head, schedule ---------------------------------------------------------------
+def test_policy_gradient_loss__padding_steps_change_neither_loss_nor_gradient():
+    log_prob = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    adv = torch.tensor([[0.5, -0.25, 1e6]])  # the padding step holds garbage
+    valid = torch.tensor([[True, True, False]])
+    for agg in ("sum", "token", "sequence"):
+        loss = policy_gradient_loss(log_prob, log_prob.detach(), adv, valid, aggregation=agg)
+        loss["loss_objective"].backward()
+        assert log_prob.grad[0, 2].item() == 0.0
+        assert loss["advantage_abs"].item() == pytest.approx(0.375)
+        log_prob.grad = None
+    total = policy_gradient_loss(log_prob, log_prob.detach(), adv, valid, aggregation="sum")["loss_objective"]
+    assert total.item() == pytest.approx(-(0.5 - 0.25))
+
+
+def test_loss_prediction_loss__l2_on_masked_steps_with_the_policy_aggregation():
+    pred = torch.tensor([[0.5, 0.2, 9.0]], requires_grad=True)
+    actual = torch.tensor([[0.4, 0.4, float("nan")]])  # padding may hold NaN
+    mask = torch.tensor([[True, True, False]])
+    out = loss_prediction_loss(pred, actual, mask, coef=2.0, aggregation="token")
+    assert out["loss_pred"].item() == pytest.approx(2.0 * (0.01 + 0.04) / 2)
+    assert out["loss_pred_abs_err"].item() == pytest.approx(0.15)
+    out["loss_pred"].backward()
+    assert pred.grad[0, 0] > 0 > pred.grad[0, 1] and pred.grad[0, 2] == 0
+
+
+def test_frame_end_steps__marks_the_last_valid_step_of_every_frame():
+    frame_id = torch.tensor([[0, 0, 1, 1, 1, 2, 0, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert frame_end_steps(frame_id, valid).tolist() == [[False, True, False, False, True, True, False, False]]
+
+
+def test_annealed_temperature__geometric_from_start_to_end():
+    assert annealed_temperature(0.0, 3.0, 0.3) == pytest.approx(3.0)
+    assert annealed_temperature(0.5, 3.0, 0.3) == pytest.approx(math.sqrt(3.0 * 0.3))
+    assert annealed_temperature(2.0, 3.0, 0.3) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="temperatures"):
+        annealed_temperature(0.5, 0.0, 1.0)
+
+
+def test_grpo__group_advantage_gradient_raises_the_better_rollouts_action():
+    # two-action toy, one group of 4 rollouts of one step: action 0 returns 1, action 1 returns 0
+    logits = torch.zeros(2, requires_grad=True)
+    actions = torch.tensor([[0], [1], [0], [1]])
+    valid = torch.ones(4, 1, dtype=torch.bool)
+    reward = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    adv = group_relative_advantage(discounted_returns(reward, valid, 0.995), valid, group_size=4)
+    assert adv[:, 0].tolist() == [0.5, -0.5, 0.5, -0.5]
+    log_prob = torch.log_softmax(logits, 0)[actions]
+    policy_gradient_loss(log_prob, log_prob.detach(), adv, valid)["loss_objective"].backward()
+    assert logits.grad[0] < 0 < logits.grad[1]  # descent raises p(action 0)
+
+
+# ---- groups of rollouts -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    built = build("tiny", videos=random_clips(1), reward_frame_rate=0.25, gazing_ratio=0.05)
+    return built, AutoGazePolicy.from_preset("tiny"), random_clips(2, seed=3)
+
+
+def test_group_budgets__threshold_counts_come_from_the_greedy_task_loss_rollout(tiny):
+    built, policy, video = tiny
+    spec = GroupBudgets(mode="threshold", task_loss_requirement=0.0, max_ratio=0.1)
+    # an untrained loss head predicts losses far from 0 on both sides: count what generate does
+    counts = group_budgets(policy, built.params, video, spec)
+    N = built.config.grid.num_patches
+    gazes = policy.generate(preprocess(video), frame_budgets=budget_for_ratio(0.1, N), task_loss_requirement=0.0)
+    assert torch.equal(counts, gazes.num_gazes.clamp(min=1))
+    assert counts.shape == (2, 8) and int(counts.max()) <= budget_for_ratio(0.1, N)
+    stop_all = group_budgets(policy, built.params, video, replace(spec, task_loss_requirement=1e9))
+    assert bool((stop_all == 1).all())  # a requirement every prediction meets: one gaze per frame
+
+
+def test_group_budgets__sampled_are_seeded_and_fixed_follow_the_config(tiny):
+    built, policy, video = tiny
+    spec = GroupBudgets(mode="sampled")
+    a = group_budgets(policy, built.params, video, spec, torch.Generator().manual_seed(1))
+    b = group_budgets(policy, built.params, video, spec, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and bool((a >= 1).all()) and bool((a <= 84).all())
+    ratio = a.sum(1).float() / (8 * 84)
+    assert bool((ratio > 0.01).all()) and bool((ratio < 0.21).all())
+    fixed = group_budgets(policy, built.params, video, GroupBudgets(mode="fixed"))
+    assert fixed.tolist() == [list(built.config.budgets)] * 2
+    with pytest.raises(ValueError, match="Generator"):
+        group_budgets(policy, built.params, video, spec)
+
+
+def test_collect__a_group_shares_its_gaze_counts_and_reward_frames(tiny):
+    built, policy, video = tiny
+    budgets = torch.tensor([[3, 1, 2, 1, 1, 2, 1, 1], [2, 2, 2, 2, 1, 1, 1, 1]])
+    batch = collect(policy, built.params, built.reward, video, budgets, 3, temperature=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    assert batch.batch_size == torch.Size([6])
+    per_frame = torch.zeros(6, 8, dtype=torch.int64).scatter_add_(
+        1, torch.where(batch["valid"], batch["frame_id"], 0), batch["valid"].long()
+    )
+    assert torch.equal(per_frame, budgets.repeat_interleave(3, 0))
+    scored = batch["scored"].view(2, 3, 8)
+    assert bool((scored == scored[:, :1]).all()) and scored.sum(-1).eq(2).all()  # 0.25 of 8 frames
+    assert not torch.equal(scored[0, 0], torch.ones(8, dtype=torch.bool))
+    # the frame reward pays -loss exactly on the scored frames
+    assert torch.allclose(batch["reward"].sum(1), -(batch["frame_loss"] * batch["scored"]).sum(1), atol=1e-6)
+    assert batch["action"].view(2, 3, -1).unique(dim=1).shape[1] > 1  # sampled rollouts differ
+
+
+def _fixed_batch(tiny, seed=0):
+    built, policy, video = tiny
+    cfg = GRPOConfig(group_size=4, budgets=GroupBudgets(mode="fixed"))
+    batch = collect(policy, built.params, built.reward, video, group_budgets(policy, built.params, video, cfg.budgets),
+                    cfg.group_size, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    return cfg, grpo_advantage(batch, cfg)
+
+
+def _total(td) -> float:
+    return float((td["loss_objective"] + td["loss_pred"]).detach())
+
+
+def test_grpo_update__changes_parameters_and_lowers_the_loss_on_a_fixed_batch(tiny):
+    _, policy0, _ = tiny
+    cfg, batch = _fixed_batch(tiny)
+    assert torch.allclose(batch["advantage"].view(2, 4, -1).sum(1), torch.zeros(1), atol=1e-6)
+    before = grpo_loss(policy0, batch, cfg)
+    assert before["ratio"].item() == pytest.approx(1.0, abs=1e-4)  # on-policy: generation = scoring
+    assert before["loss_objective"].item() == pytest.approx(0.0, abs=1e-4)  # advantages sum to 0 per step
+    for coef in (0.0, 1.0):  # the policy gradient alone, then with the loss head's L2
+        policy = deepcopy(policy0)
+        cfg_c = replace(cfg, loss_pred_coef=coef)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.02)  # a small step along the clipped gradient
+        out = grpo_update(policy, opt, batch, cfg_c)
+        assert {"loss_objective", "loss_pred", "grad_norm", "entropy"} <= set(out.keys())
+        assert any(not torch.equal(a, b) for a, b in zip(policy0.parameters(), policy.parameters()))
+        after = grpo_loss(policy, batch, cfg_c)
+        assert _total(after) < _total(grpo_loss(policy0, batch, cfg_c)) - 1e-4
+        if coef == 0:
+            assert after["loss_objective"] < before["loss_objective"] - 1e-3
+
+
+def test_grpo_update__micro_batches_give_the_same_update(tiny):
+    _, policy0, _ = tiny
+    cfg, batch = _fixed_batch(tiny, seed=1)
+    updated = []
+    for micro in (None, 3):
+        policy = deepcopy(policy0)
+        opt = torch.optim.SGD(policy.parameters(), lr=1e-3)
+        out = grpo_update(policy, opt, batch, replace(cfg, micro_batch=micro))
+        updated.append((torch.nn.utils.parameters_to_vector(policy.parameters()), out))
+    (p_all, out_all), (p_micro, out_micro) = updated
+    assert torch.allclose(p_all, p_micro, atol=1e-6)
+    for k in ("loss_objective", "loss_pred", "ratio", "entropy"):
+        assert out_all[k].item() == pytest.approx(out_micro[k].item(), rel=1e-4, abs=1e-6)
+
+
+def test_grpo_step__reports_losses_diagnostics_and_timings(tiny):
+    built, policy0, video = tiny
+    policy = deepcopy(policy0)
+    cfg = GRPOConfig(group_size=2, budgets=GroupBudgets(mode="fixed"), kl_coef=0.1)
+    out = grpo_step(policy, torch.optim.Adam(policy.parameters(), lr=1e-4), built.params, built.reward, video, cfg,
+                    temperature=2.0, generator=torch.Generator().manual_seed(0), ref_policy=policy0)
+    for k in ("loss_objective", "loss_pred", "loss_kl", "frame_loss", "gazing_ratio", "episode_return",
+              "time_generate", "time_replay", "time_update"):
+        assert torch.isfinite(out[k]), k
+    assert out["episodes"].item() == 4 and out["temperature"].item() == 2.0
+    assert out["gazing_ratio"].item() == pytest.approx(4 / 84)
+    with pytest.raises(ValueError, match="clip_eps"):
+        GRPOConfig(epochs=2)
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=1)
+
+
+# ---- learning -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_grpo__learns_to_gaze_the_moving_object_from_scratch():
+    """One sprite moving over a static background, 3 gazes per frame: GRPO from a fresh policy
+    must beat its untrained self and random gazes clearly (the background carries over on the
+    paste canvas, so the gazes that pay are the ones on the sprite)."""
+    torch.set_num_threads(1)
+    T, S, budget = 8, 64, 3
+    train = torch.stack([moving_object_clip(T, S, seed=i) for i in range(32)])
+    test = torch.stack([moving_object_clip(T, S, seed=1000 + i) for i in range(8)])
+    built = build("tiny", frame_budgets=[budget] * T)
+    torch.manual_seed(0)
+    policy = AutoGazePolicy.from_preset("tiny")
+
+    def greedy_loss() -> float:
+        return float(rollout(policy, built.params, built.reward, test, temperature=0.0)["frame_loss"].mean())
+
+    untrained = greedy_loss()
+    random_loss = float(run_episodes(make_baseline("random"), built.params, test, seed=0)["frame_loss"].mean())
+    cfg = GRPOConfig(group_size=8, aggregation="token", budgets=GroupBudgets(mode="fixed"), loss_pred_coef=0.0)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        clips = train[torch.randint(0, len(train), (4,), generator=g)]
+        grpo_step(policy, opt, built.params, built.reward, clips, cfg, temperature=1.0, generator=g)
+    trained = greedy_loss()
+    assert trained < 0.8 * random_loss < 0.8 * untrained, (trained, random_loss, untrained)
