@@ -71,3 +71,7 @@ EVAL_ARGS ?=
 
 eval: setup  ## policies vs every baseline: loss-ratio curves, Table-3 analogue, stopping, calibration, plots, GIFs -> runs/eval/$(PRESET) (POLICY="runs/bc/tiny/final rl=runs/rl/tiny/grpo/final" VIDEOS=dir OUT=dir EVAL_ARGS="--num-clips 64")
 	$(PY) -m experiments.evaluate --preset $(PRESET) --policy $(POLICY) $(if $(VIDEOS),--videos $(VIDEOS)) $(if $(OUT),--out $(OUT)) $(EVAL_ARGS)
+
+.PHONY: train
+train: setup  ## the main job on the embedded data: data -> expert gazes -> BC -> GRPO -> evaluation (resumes; PRESET=tiny)
+	$(PY) -m experiments.pipeline --preset $(PRESET)
