@@ -1,0 +1,151 @@
+import pytest
+import torch
+from tensordict import TensorDict
+
+from agents.baselines import GreedyOracle, RasterGazer, run_episodes
+from agents.bc import bc_loss, oracle_labels, trim_steps
+from agents.policy import AutoGazePolicy, gazed_before, preprocess
+from gaze_env.builder import build
+from tests.conftest import random_clips
+
+
+def expert_batch(n: int = 3, seed: int = 0):
+    """Greedy-oracle trajectories of ``n`` random tiny clips with ragged per-frame budgets."""
+    params = build("tiny", videos=random_clips(1)).params
+    budgets = torch.tensor([6, 3, 2, 4, 1, 2, 3, 5])[None].expand(n, -1).clone()
+    budgets[1:, 0] += torch.arange(1, n)  # clips of different lengths: padding in the batch
+    td = run_episodes(GreedyOracle(), params, random_clips(n, seed=seed), budgets)
+    pad = 5  # padding columns as the expert data set stores them
+    for key, value in (("action", 84), ("valid", False), ("frame_id", 8), ("loss_after", float("nan"))):
+        td[key] = torch.cat([td[key], torch.full((n, pad), value, dtype=td[key].dtype)], 1)
+    return td
+
+
+def test_bc_loss__finite_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=3)
+    out = bc_loss(policy, expert_batch())
+    assert set(out.keys()) >= {"loss_ce", "loss_pred", "acc", "entropy", "pred_mae"}
+    loss = out["loss_ce"] + out["loss_pred"]
+    assert torch.isfinite(loss) and out["loss_ce"] > 0 and out["loss_pred"] > 0
+    loss.backward()
+    for name, p in policy.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "embed_tokens" not in name:  # rows of ids never fed get no gradient; the others must
+            assert p.grad.abs().sum() > 0, name
+    # every head of the lm head and of the loss head is trained
+    K, V = 3, 85
+    g = policy.gazing_model.gaze_decoder.lm_head.weight.grad.view(K, V, -1)
+    assert bool((g.abs().sum((1, 2)) > 0).all())
+    assert bool((policy.gazing_model.gaze_decoder.task_loss_prediction_head.weight.grad.abs().sum(1) > 0).all())
+    # diagnostics are detached
+    assert not out["acc"].requires_grad and not out["ce_head0"].requires_grad
+
+
+@pytest.mark.parametrize("mask_gazed", [True, False])
+def test_bc_loss__with_one_head_is_the_next_token_nll_that_score_gives(mask_gazed):
+    torch.manual_seed(1)
+    policy = AutoGazePolicy.from_preset("tiny")
+    batch = expert_batch()
+    out = bc_loss(policy, batch, mask_gazed=mask_gazed)
+    scored = policy.score(preprocess(batch["video"]), batch["action"], batch["frame_id"], batch["valid"],
+                          masked=mask_gazed)
+    valid = batch["valid"]
+    assert torch.allclose(out["loss_ce"], -scored["log_prob"][valid].mean(), atol=1e-5)
+    # the loss head: squared error against the recorded loss after each gaze
+    mse = (scored["loss_pred"][valid] - batch["loss_after"][valid]).pow(2).mean()
+    assert torch.allclose(out["loss_pred"], mse, atol=1e-6)
+    assert torch.allclose(bc_loss(policy, batch, pred_coef=0.25)["loss_pred"], 0.25 * mse, atol=1e-6)
+
+
+def test_bc_loss__head_k_is_scored_against_the_gaze_k_plus_1_steps_ahead_as_generation_reads_it():
+    torch.manual_seed(2)
+    K = 3
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=K).eval()
+    video = random_clips(2, seed=4)
+    gazes = policy.generate(preprocess(video), frame_budgets=torch.tensor([7, 3, 2, 4, 1, 5, 3, 8]),
+                            return_logits=True)
+    traj = gazes.to_trajectory()
+    mt = policy.multi_token_outputs(preprocess(video), traj["action"], traj["frame_id"], traj["valid"])
+    # generation reads head (rank % K) for the slot of rank `rank`: the teacher-forced head agrees
+    rank = torch.cat([torch.arange(int(b)) for b in [7, 3, 2, 4, 1, 5, 3, 8]])
+    head = (rank % K)[None, :, None, None].expand(2, -1, 1, mt["logits"].shape[-1])
+    emitted = gazes.logits[gazes.emitted].view(2, -1, gazes.logits.shape[-1])  # (B, L, V) in slot order
+    assert torch.allclose(mt["logits"].gather(2, head)[:, :, 0], emitted, atol=1e-4)
+    # a target for head k exists from the step of rank k on: k + 1 steps after the frame's vision row
+    assert torch.equal(mt["logits_valid"][0], rank[:, None] >= torch.arange(K))
+    # every (step, head) pair with a target is counted once
+    batch = TensorDict({"video": video, "loss_after": torch.zeros(traj.shape),
+                        **{k: traj[k] for k in ("action", "frame_id", "valid")}}, batch_size=[2])
+    out = bc_loss(policy, batch)
+    assert out["targets"] == traj["valid"].sum()
+
+
+def test_bc_loss__padding_columns_and_their_content_do_not_matter():
+    torch.manual_seed(3)
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=2)
+    batch = expert_batch()
+    trimmed = trim_steps(batch)
+    assert trimmed["action"].shape[1] == int(batch["valid"].sum(1).max())
+    other = batch.clone()
+    pad = ~other["valid"]
+    other["action"][pad] = 7
+    other["frame_id"][pad] = 0
+    other["loss_after"][pad] = 123.0
+    a, b = bc_loss(policy, batch), bc_loss(policy, other)
+    for key in ("loss_ce", "loss_pred", "acc"):
+        assert torch.allclose(a[key], b[key]), key
+
+
+def test_bc_loss__rejects_a_float_video_and_missing_keys():
+    policy = AutoGazePolicy.from_preset("tiny")
+    batch = expert_batch(2)
+    with pytest.raises(TypeError, match="uint8"):
+        bc_loss(policy, batch.clone().set("video", batch["video"].float()))
+    with pytest.raises(KeyError, match="loss_after"):
+        bc_loss(policy, batch.exclude("loss_after"))
+
+
+@pytest.mark.slow
+def test_bc_training__overfits_a_handful_of_expert_trajectories():
+    torch.manual_seed(0)
+    batch = expert_batch(4, seed=7)
+    policy = AutoGazePolicy.from_preset("tiny", encoder_patch_size=16)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(120):
+        out = bc_loss(policy, batch)
+        optimizer.zero_grad()
+        (out["loss_ce"] + out["loss_pred"]).backward()
+        optimizer.step()
+    policy.eval()
+    with torch.no_grad():
+        final = bc_loss(policy, batch)
+    assert final["acc"] > 0.97, float(final["acc"])
+    assert final["loss_ce"] < 0.3
+    # and greedy generation under the same budgets replays the expert
+    gazes = policy.generate(preprocess(batch["video"]), frame_budgets=batch["budgets"]).to_trajectory()
+    L = gazes.shape[1]
+    same = (gazes["action"] == batch["action"][:, :L]) & gazes["valid"]
+    assert same.sum() / gazes["valid"].sum() > 0.9
+
+
+def test_oracle_labels__on_the_oracles_own_trajectories_are_its_actions_and_steer_other_ones():
+    batch = expert_batch(2)
+    params = build("tiny", videos=random_clips(1)).params
+    labels = oracle_labels(params, batch["video"], batch["action"], batch["valid"], batch["budgets"])
+    valid = batch["valid"]
+    assert torch.equal(labels["target"][valid], batch["action"][valid])
+    assert torch.allclose(labels["loss_after"][valid], batch["loss_after"][valid])
+    assert bool((labels["target"][~valid] == 84).all()) and bool(labels["loss_after"][~valid].isnan().all())
+    # a raster trajectory: the labels are the oracle's patches in the raster's states, never a gazed one
+    raster = run_episodes(RasterGazer(), params, batch["video"], batch["budgets"])
+    relabel = oracle_labels(params, raster["video"], raster["action"], raster["valid"], batch["budgets"])
+    v = raster["valid"]
+    assert not torch.equal(relabel["target"][v], raster["action"][v])
+    banned = gazed_before(raster["action"], raster["frame_id"], v, 8, 85)
+    assert not bool(banned.gather(-1, relabel["target"][..., None])[..., 0][v].any())
+    # bc_loss scores those labels on the raster's inputs
+    policy = AutoGazePolicy.from_preset("tiny")
+    plain, relabelled = bc_loss(policy, raster), bc_loss(policy, raster.clone().update(relabel))
+    assert not torch.allclose(plain["loss_ce"], relabelled["loss_ce"])
+    assert torch.allclose(bc_loss(policy, raster.clone().set("target", raster["action"]))["loss_ce"], plain["loss_ce"])
