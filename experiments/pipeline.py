@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ class Stage:
     argv: list[str]  # python -m ... arguments
     output: Path  # exists once the stage has finished
     inputs: tuple[Path, ...]  # outputs of earlier stages it reads
+    run_dir: Path | None = None  # a trainer's run folder: resumed when it holds checkpoints
 
     def up_to_date(self) -> bool:
         if not self.output.exists():
@@ -48,8 +50,8 @@ def stages(preset: str, algo: str) -> list[Stage]:
     return [
         Stage("data", py + ["experiments.prepare_data", "--preset", preset], val_data, ()),
         Stage("expert", py + ["experiments.collect_expert", "--preset", preset], expert, (train_data,)),
-        Stage("bc", py + ["experiments.train_bc", "--preset", preset], bc, (expert,)),
-        Stage("rl", py + ["experiments.train_rl", "--preset", preset, "--algo", algo], rl, (bc,)),
+        Stage("bc", py + ["experiments.train_bc", "--preset", preset], bc, (expert,), bc.parent.parent),
+        Stage("rl", py + ["experiments.train_rl", "--preset", preset, "--algo", algo], rl, (bc,), rl.parent.parent),
         Stage(
             "eval",
             py + ["experiments.evaluate", "--preset", preset,
@@ -73,9 +75,15 @@ def main(argv: list[str] | None = None) -> None:
         if not forced and stage.up_to_date():
             print(f"[{stage.name}] up to date ({stage.output})", flush=True)
             continue
-        print(f"[{stage.name}] {' '.join(stage.argv[1:])}", flush=True)
+        argv = list(stage.argv)
+        if stage.run_dir is not None and stage.run_dir.exists():
+            if forced or not any(stage.run_dir.glob("step_*")):
+                shutil.rmtree(stage.run_dir)  # stale inputs or nothing to resume: start over
+            else:
+                argv.append("--resume")  # an interrupted run continues exactly
+        print(f"[{stage.name}] {' '.join(argv[1:])}", flush=True)
         t = time.perf_counter()
-        result = subprocess.run(stage.argv)
+        result = subprocess.run(argv)
         if result.returncode:
             sys.exit(f"[{stage.name}] failed with exit code {result.returncode}; fix it and rerun: "
                      "finished stages are skipped")
