@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.evaluate import headline_table
 from experiments.prepare_data import default_data_path
 
 STAGES = ("data", "expert", "bc", "rl", "eval")
@@ -91,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{stage.name}] done in {time.perf_counter() - t:.0f} s", flush=True)
     report_dir = Path("runs/eval") / args.preset
     report = json.loads((report_dir / "report.json").read_text())
-    print((report_dir / "report.md").read_text() if (report_dir / "report.md").exists() else json.dumps(report))
+    print(f"\nfull report: {report_dir / 'report.md'}")
     print("plots:", *sorted(str(p) for p in report_dir.glob("*.png")), sep="\n  ")
-    print("videos:", *sorted(str(p) for p in report_dir.glob("*.gif")), sep="\n  ")
+    print("videos:", *sorted(str(p) for p in report_dir.glob("**/*.gif")), sep="\n  ")
+    print(headline_table(report))
     print(f"pipeline finished in {(time.perf_counter() - start) / 60:.1f} min")
 
 
