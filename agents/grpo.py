@@ -346,8 +346,8 @@ def minibatch_update(
         raise ValueError(f"{B} rollouts in groups of {group_size} cannot form {minibatches} minibatches")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    device_type = batch.device.type if batch.device is not None else "cpu"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and device_type == "cuda")
+    device = batch["valid"].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
     members = torch.arange(group_size)
     records = []
     for _ in range(epochs):
@@ -357,7 +357,7 @@ def minibatch_update(
         else:
             groups = torch.arange(n)
         for chunk in groups.chunk(minibatches):
-            rows = (chunk[:, None] * group_size + members).flatten().to(batch.device)
+            rows = (chunk[:, None] * group_size + members).flatten().to(device)
             optimizer.zero_grad(set_to_none=True)
             total: dict[str, torch.Tensor] = {}
             for part in rows.split(micro_batch or rows.numel()):
