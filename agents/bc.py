@@ -27,6 +27,11 @@ trajectory are never cross-entropy targets nor loss-prediction targets; they are
 DAgger labels, given to ``bc_loss`` as ``target``). A short DAgger trial on the tiny preset (4
 rounds of 256 rolled-out clips) did not improve the held-out loss, so ``experiments.train_bc``
 does not use it yet.
+
+Data-parallel training: ``bc_totals`` counts a batch's targets from its structure alone (no
+forward pass); summed over every rank and micro-batch of a step and passed as ``totals``, each
+part's loss is its share of the whole batch's loss, so the gradients add up to the single-process
+gradient exactly.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 
 from agents.baselines import Baseline, GreedyOracle
-from agents.policy import AutoGazePolicy, gazed_before, preprocess
+from agents.policy import AutoGazePolicy, frame_layout, gazed_before, preprocess
 from gaze_env import core
 from gaze_env.core import CoreParams
 
-__all__ = ["BATCH_KEYS", "bc_loss", "oracle_labels", "trim_steps"]
+__all__ = ["BATCH_KEYS", "bc_loss", "bc_totals", "oracle_labels", "trim_steps"]
 
 BATCH_KEYS = ("video", "action", "frame_id", "valid", "loss_after")
 """Entries of an expert batch ``bc_loss`` reads."""
@@ -60,12 +65,34 @@ def trim_steps(batch: TensorDictBase) -> TensorDictBase:
     return out
 
 
+def _targets(batch: TensorDictBase, stop_id: int) -> torch.Tensor:
+    """(B, L) bool: the steps with a cross-entropy target (valid gazes whose label is a gaze)."""
+    action = batch["action"]
+    return batch["valid"].bool() & (action != stop_id) & (batch.get("target", action) != stop_id)
+
+
+def bc_totals(batch: TensorDictBase, num_heads: int, stop_id: int) -> dict[str, torch.Tensor]:
+    """The normalisers of ``bc_loss`` on ``batch``, from its structure alone: ``ce`` (K,) int64
+    cross-entropy targets per head, ``pred`` () int64 loss-prediction targets. Sums of these over
+    the parts of a batch, given to ``bc_loss(..., totals=...)``, make the parts' losses add up to
+    the whole batch's loss."""
+    valid = batch["valid"].bool()
+    _, _, rank = frame_layout(batch["frame_id"], valid, batch["video"].shape[1])  # (B, L)
+    heads = torch.arange(num_heads, device=rank.device)
+    is_gaze = _targets(batch, stop_id)
+    ce = (valid[..., None] & (rank[..., None] >= heads) & is_gaze[..., None]).sum((0, 1))  # (K,)
+    scored = is_gaze & torch.isfinite(batch["loss_after"].float())
+    pred = (valid[..., None] & (rank[..., None] >= heads - 1) & scored[..., None]).sum()
+    return {"ce": ce, "pred": pred}
+
+
 def bc_loss(
     policy: AutoGazePolicy,
     batch: TensorDictBase,
     *,
     pred_coef: float = 1.0,
     mask_gazed: bool = True,
+    totals: dict[str, torch.Tensor] | None = None,
 ) -> TensorDict:
     """Behaviour-cloning loss of ``policy`` on a batch of expert trajectories.
 
@@ -80,6 +107,9 @@ def bc_loss(
         pred_coef: weight of ``loss_pred`` (0 turns the loss head's training off).
         mask_gazed: cross-entropy under the masked distribution generation samples from (see the
             module docstring); False: the plain softmax over all ``N + 1`` ids.
+        totals: ``bc_totals`` summed over all parts of a larger batch (ranks, micro-batches):
+            the losses are then this part's share of that batch's losses (``loss_ce`` sums the
+            per-head means' shares); None: this batch alone.
 
     Returns:
         TensorDict, batch []: ``loss_ce``, ``loss_pred`` (differentiable; their sum is the loss)
@@ -102,7 +132,7 @@ def bc_loss(
     action, frame_id = batch["action"], batch["frame_id"]
     valid = batch["valid"].bool()
     labels = batch.get("target", action)
-    is_gaze = valid & (action != STOP) & (labels != STOP)  # (B, L) steps with a target
+    is_gaze = _targets(batch, STOP)  # (B, L) steps with a target
     out = policy.multi_token_outputs(preprocess(video), action, frame_id, valid)
     logits = out["logits"]  # (B, L, K, V) float32
     target_mask = out["logits_valid"] & is_gaze[..., None]  # (B, L, K)
@@ -115,14 +145,16 @@ def bc_loss(
     ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view(target_mask.shape)
     ce = ce.masked_fill(~target_mask, 0.0)
     per_head_n = target_mask.sum((0, 1))  # (K,)
-    per_head = ce.sum((0, 1)) / per_head_n.clamp(min=1)  # (K,)
-    has = per_head_n > 0
-    loss_ce = per_head[has].mean() if bool(has.any()) else logits.sum() * 0.0
+    norm_n = per_head_n if totals is None else totals["ce"].to(per_head_n.device)  # (K,)
+    per_head = ce.sum((0, 1)) / norm_n.clamp(min=1)  # (K,)
+    has = norm_n > 0
+    loss_ce = per_head[has].sum() / has.sum() if bool(has.any()) else logits.sum() * 0.0
 
     loss_after = batch["loss_after"].float()
     pred_mask = out["loss_pred_valid"] & (is_gaze & torch.isfinite(loss_after))[..., None]  # (B, L, K)
     err = (out["loss_pred"] - torch.nan_to_num(loss_after)[..., None]).masked_fill(~pred_mask, 0.0)
-    pred_mse = err.pow(2).sum() / pred_mask.sum().clamp(min=1)
+    pred_n = pred_mask.sum() if totals is None else totals["pred"].to(pred_mask.device)
+    pred_mse = err.pow(2).sum() / pred_n.clamp(min=1)
 
     with torch.no_grad():
         head0 = target_mask[..., 0]

@@ -570,6 +570,21 @@ class TeacherForced(NamedTuple):
     valid: Tensor  # (B, L) bool
 
 
+def frame_layout(frame_id: Tensor, valid: Tensor, num_frames: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the steps of trajectories sit in their frames.
+
+    frame_id (B, L) int64 in [0, num_frames) (anything at invalid steps is read as 0), valid
+    (B, L) bool; the valid steps of a frame are contiguous and frames non-decreasing. Returns
+    ``per_frame`` (B, T) valid steps of each frame, ``before`` (B, T) valid steps in earlier frames
+    and ``rank`` (B, L) the index of each step in its frame."""
+    fid = torch.where(valid, frame_id, 0)
+    per_frame = torch.zeros(fid.shape[0], num_frames, dtype=torch.int64, device=fid.device)
+    per_frame.scatter_add_(1, fid, valid.long())  # (B, T)
+    before = per_frame.cumsum(1) - per_frame  # (B, T)
+    rank = valid.long().cumsum(1) - 1 - before.gather(1, fid)  # (B, L)
+    return per_frame, before, rank
+
+
 def gazed_before(action: Tensor, frame_id: Tensor, valid: Tensor, num_frames: int, vocab_size: int) -> Tensor:
     """(B, L, V) bool: the ids taken by valid steps before each step in the same frame.
 
@@ -1097,9 +1112,7 @@ class AutoGazePolicy(nn.Module):
         L = action.shape[1]
 
         # sequence layout per clip: [vision_0 (P), steps of frame 0, vision_1 (P), steps of frame 1, ...]
-        per_frame = torch.zeros(B, T, dtype=torch.int64, device=dev).scatter_add_(1, fid, valid.long())  # (B, T)
-        before = per_frame.cumsum(1) - per_frame  # (B, T) steps in earlier frames
-        rank = valid.long().cumsum(1) - 1 - before.gather(1, fid)  # (B, L) index of the step in its frame
+        per_frame, before, rank = frame_layout(fid, valid, T)
         pos = (fid + 1) * P + before.gather(1, fid) + rank  # (B, L) sequence position of each step
         seq_len = int((T * P + per_frame.sum(1)).max())
         vis_pos = torch.arange(T, device=dev)[:, None] * P + torch.arange(P, device=dev) + before[:, :, None]  # (B,T,P)

@@ -35,6 +35,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -42,7 +43,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import make_baseline, run_episodes
-from agents.bc import BATCH_KEYS, bc_loss
+from agents.bc import BATCH_KEYS, bc_loss, bc_totals
 from agents.policy import AutoGazePolicy, PolicyConfig, preprocess
 from agents.rollout import rollout
 from experiments.collect_expert import CollectExpertConfig, collect, expert_chunks
@@ -55,6 +56,7 @@ from experiments.common import (
     resolve_device,
     seed_everything,
 )
+from experiments.distributed import Dist, LossModule, abort, cleanup, setup
 from experiments.evaluate_baselines import markdown_table
 from experiments.prepare_data import default_data
 from experiments.training import (
@@ -86,7 +88,8 @@ POLICY_OVERRIDES = (
 
 RUN_ONLY_FIELDS = frozenset(
     {"resume", "stop_at", "progress", "eval_interval", "ckpt_interval", "keep_checkpoints", "device", "out",
-     "expert", "expert_clips", "eval_clips", "eval_batch_size", "eval_ratios", "eval_baselines", "videos"}
+     "expert", "expert_clips", "eval_clips", "eval_batch_size", "eval_ratios", "eval_baselines", "videos",
+     "grad_accum", "dist_timeout"}
 )
 """Fields a resumed run may change: they do not change the training math."""
 
@@ -121,7 +124,10 @@ class TrainBCConfig:
     """Train this many passes over the expert data instead of --steps (steps = ceil(epochs *
     clips / batch size))."""
     batch_size: int = 32
-    """Expert clips per step."""
+    """Expert clips per step: the global batch, over all processes under torchrun (each takes
+    batch-size / (processes x --grad-accum) clips per micro-batch)."""
+    grad_accum: int = 1
+    """Micro-batches per step on each process, gradients accumulated (same update as one batch)."""
     lr: float = 2e-3
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.01
@@ -178,6 +184,9 @@ class TrainBCConfig:
     """Torch device: cpu, cuda, cuda:<i> or auto."""
     seed: int = 0
     """Seeds the data order and the policy's initial weights."""
+    dist_timeout: float = 60.0
+    """Under torchrun: minutes a process waits in a collective (rank 0 may label the expert
+    data first while the others wait)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     # ---- benchmark
@@ -190,9 +199,11 @@ class TrainBCConfig:
     """Timed steps (after as many warm-up steps, at least 3)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.expert_clips < 1:
-            raise ValueError(f"steps, batch_size and expert_clips must be >= 1, got {self.steps}, "
-                             f"{self.batch_size}, {self.expert_clips}")
+        if self.steps < 1 or self.batch_size < 1 or self.expert_clips < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size, expert_clips and grad_accum must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}, {self.expert_clips}, {self.grad_accum}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.pred_coef < 0:
@@ -362,17 +373,33 @@ def _check_resumable(saved: dict, cfg: TrainBCConfig, policy_cfg: PolicyConfig) 
 
 
 def train(cfg: TrainBCConfig) -> dict:
-    """Run (or resume) behaviour cloning; returns the results written to ``<out>/results.json``."""
+    """Run (or resume) behaviour cloning; returns the results written to ``<out>/results.json``.
+    Under ``torchrun`` every process runs this (see ``experiments.distributed``)."""
+    d = setup(cfg.device, cfg.dist_timeout)
+    try:
+        results = _train(cfg, d)
+    except BaseException:
+        abort(d)
+        raise
+    cleanup(d)
+    return results
+
+
+def _train(cfg: TrainBCConfig, d: Dist) -> dict:
     start_time = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = d.device
     out = cfg.out_dir
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
+        d.print(f"--resume: no checkpoint in {out}, starting from scratch")
     if not cfg.resume and (latest_checkpoint(out) is not None or (out / "final").exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
+    d.per_rank(cfg.batch_size, cfg.grad_accum)  # fail early when the global batch does not divide
 
-    data = ensure_expert(cfg)
+    if d.is_main:  # rank 0 labels missing expert data while the others wait
+        ensure_expert(cfg)
+    d.barrier()
+    data = ExpertData(cfg.expert_dir)
     collect_seconds = time.perf_counter() - start_time
     built = env_for(cfg.preset, data.meta)
     clip_shape = tuple(data.chunks[0]["video"].shape[1:])  # (T, 3, H, W)
@@ -380,11 +407,11 @@ def train(cfg: TrainBCConfig) -> dict:
         raise ValueError(f"{data.path} holds clips of shape {clip_shape}, not of preset {cfg.preset!r}")
     steps = total_steps(cfg, len(data))
     policy_cfg = cfg.policy_config()
-    seed_everything(cfg.seed, device)
+    seed_everything(cfg.seed, device)  # the same initial weights on every rank
     policy = AutoGazePolicy(policy_cfg).to(device)
     optimizer = make_optimizer(policy, cfg)
     scheduler = cosine_schedule(optimizer, steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    sampler = EpochSampler(len(data), cfg.batch_size, seed=cfg.seed)
+    sampler = EpochSampler(len(data), cfg.batch_size, seed=cfg.seed)  # global batches, the same on every rank
     step = 0
     run_config = {"policy": asdict(policy_cfg), "train": config_dict(cfg), "expert": str(data.path)}
     if ckpt is not None:
@@ -393,24 +420,37 @@ def train(cfg: TrainBCConfig) -> dict:
         state = restore_train_state(loaded.train_state, optimizer, scheduler)
         sampler.load_state_dict(state["data_position"])
         step = state["step"]
-        print(f"resumed {ckpt} at step {step}")
+        d.print(f"resumed {ckpt} at step {step}")
+    K, STOP = policy_cfg.num_multi_token_pred, policy_cfg.stop_id
+    loss_fn = partial(bc_loss, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed)
+    model = d.wrap(LossModule(policy, loss_fn), find_unused=cfg.pred_coef == 0 or policy_cfg.value_head)
 
     video_eval = eval_clips(cfg)
+    shard = d.shard(video_eval.shape[0])
+    mine = video_eval[shard.start : shard.stop]  # this rank's evaluation clips
     ratios = tuple(cfg.eval_ratios)
-    print(f"policy {policy.num_parameters:,} parameters (K={policy_cfg.num_multi_token_pred}); {len(data)} expert "
-          f"clips; {steps} steps of {cfg.batch_size}; eval on {video_eval.shape[0]} held-out clips")
-    baselines = baseline_losses(cfg.eval_baselines, built, video_eval, ratios, cfg.eval_batch_size, device)
+
+    def pooled(local: dict[float, float]) -> dict[float, float]:  # mean over all ranks' eval clips
+        return {r: d.weighted_mean(local.get(r, 0.0), mine.shape[0]) for r in ratios}
+
+    d.print(f"policy {policy.num_parameters:,} parameters (K={K}); {len(data)} expert clips; {steps} steps of "
+            f"{cfg.batch_size} ({d.world_size} process(es) x {cfg.grad_accum} micro-batch(es)); eval on "
+            f"{video_eval.shape[0]} held-out clips")
+    local = baseline_losses(cfg.eval_baselines, built, mine, ratios, cfg.eval_batch_size, device) if len(mine) else {}
+    names = [make_baseline(n).name for n in cfg.eval_baselines]
+    baselines = {name: pooled(local.get(name, {})) for name in names}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     stop_at = min(steps, cfg.stop_at) if cfg.stop_at is not None else steps
     history: list[dict] = []
 
     def checkpoint() -> None:
-        train_state = make_train_state(step, optimizer, scheduler, data_position=sampler.state_dict())
-        save_checkpoint(step_dir(out, step), policy, run_config, train_state)
-        prune_checkpoints(out, cfg.keep_checkpoints)
+        if d.is_main:
+            train_state = make_train_state(step, optimizer, scheduler, data_position=sampler.state_dict())
+            save_checkpoint(step_dir(out, step), policy, run_config, train_state)
+            prune_checkpoints(out, cfg.keep_checkpoints)
 
     def evaluate() -> dict[float, float]:
-        losses = policy_losses(policy, built, video_eval, ratios, cfg.eval_batch_size)
+        losses = pooled(policy_losses(policy, built, mine, ratios, cfg.eval_batch_size) if len(mine) else {})
         logger.log("eval", {f"bc_ratio_{r:g}": v for r, v in losses.items()}, step)
         oracle = baselines.get("greedy_oracle")
         if oracle is not None:
@@ -419,52 +459,63 @@ def train(cfg: TrainBCConfig) -> dict:
         return losses
 
     # a resumed run drops what the interrupted one logged after its checkpoint (it logs step + 1 first)
-    with Logger(out / "tb", purge_step=step + 1 if ckpt is not None else None) as logger:
+    log_dir = out / "tb" if d.is_main else None
+    with Logger(log_dir, purge_step=step + 1 if ckpt is not None else None) as logger:
         if ckpt is None:
             for name, row in baselines.items():
                 logger.log("eval", {f"{name}_ratio_{r:g}": v for r, v in row.items()}, 0)
-        bar = progress(steps, initial=step, desc=f"bc {cfg.preset}", enabled=cfg.progress)
+        bar = progress(steps, initial=step, desc=f"bc {cfg.preset}", enabled=cfg.progress and d.is_main)
         policy.train()
         tick, clips_done = time.perf_counter(), 0
         while step < stop_at:
-            batch = data.batch(sampler.next_batch()).to(device)
-            with autocast:
-                td = bc_loss(policy, batch, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed)
-            loss = td["loss_ce"] + td["loss_pred"]
+            parts = [data.batch(p).to(device) for p in d.split(sampler.next_batch(), cfg.grad_accum)]
+            # normalisers of the whole global batch: each part's loss is its share of the batch's loss
+            totals = {k: d.all_sum(sum(bc_totals(b, K, STOP)[k] for b in parts)) for k in ("ce", "pred")}
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            shares, diags = torch.zeros(2, dtype=torch.float64, device=device), []
+            for i, batch in enumerate(parts):
+                with d.accumulate(model, sync=i == len(parts) - 1):
+                    with autocast:
+                        td = model(batch, totals=totals)
+                    # DDP averages gradients over ranks: scale so that they add up instead
+                    ((td["loss_ce"] + td["loss_pred"]) * d.world_size).backward()
+                shares += torch.stack([td["loss_ce"].detach(), td["loss_pred"].detach()]).double()
+                diags.append({k: td[k].detach() for k in ("acc", "acc_head_last", "entropy", "pred_mae")})
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
             optimizer.step()
             scheduler.step()
             step += 1
             clips_done += cfg.batch_size
-            values = {k: float(v) for k, v in td.detach().items()}
-            logger.log("losses", {"total": loss.item(), "ce": values["loss_ce"], "pred": values["loss_pred"]}, step)
+            loss_ce, loss_pred = d.all_sum(shares).tolist()
+            values = d.all_mean({k: float(torch.stack([t[k] for t in diags]).mean()) for k in diags[0].keys()})
+            logger.log("losses", {"total": loss_ce + loss_pred, "ce": loss_ce, "pred": loss_pred}, step)
             logger.log("charts", {
                 "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "acc": values["acc"],
                 "acc_head_last": values["acc_head_last"], "entropy": values["entropy"],
                 "pred_mae": values["pred_mae"], "epoch": sampler.epoch + sampler.cursor / sampler.n,
             }, step)
             bar.update(1)
-            bar.set_postfix(ce=f"{values['loss_ce']:.3f}", acc=f"{values['acc']:.3f}")
+            bar.set_postfix(ce=f"{loss_ce:.3f}", acc=f"{values['acc']:.3f}")
             if step % 20 == 0:
                 now = time.perf_counter()
                 logger.log("charts", {"clips_per_s": clips_done / (now - tick)}, step)
                 tick, clips_done = now, 0
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < steps:
                 losses = evaluate()
-                bar.write(f"step {step}: " + ", ".join(f"ratio {r:g} loss {v:.4f}" for r, v in losses.items()))
+                if d.is_main:
+                    bar.write(f"step {step}: " + ", ".join(f"ratio {r:g} loss {v:.4f}" for r, v in losses.items()))
                 tick, clips_done = time.perf_counter(), 0
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == stop_at:
                 checkpoint()
                 tick, clips_done = time.perf_counter(), 0  # charts/clips_per_s: training alone
         bar.close()
         if step < steps:
-            print(f"stopped at step {step} of {steps} (--stop-at); continue with --resume")
+            d.print(f"stopped at step {step} of {steps} (--stop-at); continue with --resume")
             return {"step": step, "steps": steps}
         final = evaluate()
-        policy.save_pretrained(out / "final")
+        if d.is_main:
+            policy.save_pretrained(out / "final")
 
     rows = {"bc_policy": final, **baselines}
     table = markdown_table(rows, ratios)
@@ -473,6 +524,7 @@ def train(cfg: TrainBCConfig) -> dict:
         "num_parameters": policy.num_parameters,
         "expert_clips": len(data),
         "eval_clips": int(video_eval.shape[0]),
+        "world_size": d.world_size,
         "step": step,
         "mean_frame_loss": {name: {str(r): v for r, v in row.items()} for name, row in rows.items()},
         "eval_history": history,
@@ -480,6 +532,8 @@ def train(cfg: TrainBCConfig) -> dict:
         "seconds": time.perf_counter() - start_time,
         "table": table,
     }
+    if not d.is_main:
+        return results
     atomic_write_json(out / "results.json", results)
     loss_name = data.meta.get("loss", "l1")
     text = (f"mean per-frame {loss_name} loss on {video_eval.shape[0]} held-out clips (preset {cfg.preset}, "

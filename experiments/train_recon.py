@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from experiments.common import clip_source, config_dict, parse_config, resolve_device
+from experiments.common import clip_source, config_dict, parse_config
+from experiments.distributed import Dist, LossModule, abort, cleanup, setup
 from experiments.prepare_data import default_data
 from experiments.training import (
     EpochSampler,
@@ -80,7 +81,10 @@ class TrainReconConfig:
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 16
-    """Clips per step."""
+    """Clips per step: the global batch, over all processes under torchrun (each takes
+    batch-size / (processes x --grad-accum) clips per micro-batch)."""
+    grad_accum: int = 1
+    """Micro-batches per step on each process, gradients accumulated."""
     frames_per_clip: int = 4
     """Frames reconstructed (and scored) per clip and step."""
     lr: float = 1e-3
@@ -117,7 +121,10 @@ class TrainReconConfig:
     hflip: bool = True
     """Flip half of the training clips horizontally."""
     seed: int = 0
-    """Seeds the model init, the data order and every random draw."""
+    """Seeds the model init, the data order and every random draw (the training gazes of a step
+    from (seed, process rank, step))."""
+    dist_timeout: float = 60.0
+    """Under torchrun: minutes a process waits in a collective."""
     threads: int = 1
     """torch CPU threads (0: torch's default). One thread is fastest when other jobs share the
     cores (busy-waiting threads oversubscribe them); raise it on a dedicated machine."""
@@ -154,8 +161,8 @@ class TrainReconConfig:
         get_preset(self.preset)
         if self.size not in MODEL_SIZES:
             raise ValueError(f"unknown size {self.size!r}; known: {sorted(MODEL_SIZES)}")
-        if self.steps < 1 or self.batch_size < 1 or self.save_every < 1 or self.log_every < 1:
-            raise ValueError("steps, batch_size, save_every and log_every must be >= 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.save_every, self.log_every) < 1:
+            raise ValueError("steps, batch_size, grad_accum, save_every and log_every must be >= 1")
         if not 1 <= self.frames_per_clip <= get_preset(self.preset).num_frames:
             raise ValueError(f"frames_per_clip must lie in [1, T], got {self.frames_per_clip}")
         if not 0 < self.ratio_min <= self.ratio_max <= 1:
@@ -188,6 +195,7 @@ RESUME_MAY_CHANGE = frozenset(
         "quality_masks",
         "overwrite",
         "out",
+        "dist_timeout",
     }
 )
 """Fields a resumed run may change; any other change would alter the training trajectory (a new
@@ -386,11 +394,25 @@ def _check_resume(saved: dict[str, Any], cfg: TrainReconConfig, path: Path) -> N
 
 def train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None = None) -> TrainResult:
     """Run (or continue) one training run; see the module docstring. ``sources`` (train, val)
-    replaces the data ``cfg`` names (for tests and notebooks)."""
+    replaces the data ``cfg`` names (for tests and notebooks). Under ``torchrun`` every process
+    runs this (``experiments.distributed``): each takes its share of the global batch and draws
+    its own training gazes; rank 0 alone evaluates and writes."""
+    d = setup(cfg.device, cfg.dist_timeout)
+    try:
+        result = _train(cfg, sources, d)
+    except BaseException:
+        abort(d)
+        raise
+    cleanup(d)
+    return result
+
+
+def _train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None, d: Dist) -> TrainResult:
     start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = d.device
+    d.per_rank(cfg.batch_size, cfg.grad_accum)  # fail early when the global batch does not divide
     run_dir = Path(cfg.out) / cfg.preset
     loss_fn = _make_loss(cfg.loss)
     train_src, val_src = sources if sources is not None else data_sources(cfg)
@@ -419,44 +441,56 @@ def train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None
         info = restore_train_state(ck.train_state, opt, sched, {"batch": gen})
         sampler.load_state_dict(info["data_position"]["sampler"])
         step = info["step"]
-        print(f"resumed from {path} at step {step}")
+        d.print(f"resumed from {path} at step {step}")
     elif latest_checkpoint(run_dir) is not None or (run_dir / "final").exists():
         if not cfg.overwrite:
             raise FileExistsError(
                 f"{run_dir} already holds checkpoints: pass --resume latest to continue that run, "
                 "--overwrite to start afresh, or another --out"
             )
-        for p in [run_dir / "final", run_dir / "tb", *run_dir.glob("step_*")]:
-            shutil.rmtree(p, ignore_errors=True)
+        d.barrier()  # every rank has looked before rank 0 deletes
+        if d.is_main:
+            for p in [run_dir / "final", run_dir / "tb", *run_dir.glob("step_*")]:
+                shutil.rmtree(p, ignore_errors=True)
+    ddp = d.wrap(LossModule(model, mae_loss))  # ddp(video, gazed, frames, loss) = mae_loss(model, ...)
 
     meta = {**model.checkpoint_config(), "train": config_dict(cfg)}
 
     def checkpoint(path: Path) -> Path:
         data = {"sampler": sampler.state_dict()}
-        return save_checkpoint(path, model, meta, make_train_state(step, opt, sched, {"batch": gen}, data))
+        if d.is_main:
+            save_checkpoint(path, model, meta, make_train_state(step, opt, sched, {"batch": gen}, data))
+        return path
 
     result = TrainResult(run_dir, None)
     eval_idx = eval_clip_indices(len(val_src), cfg.eval_clips)
     eval_video = val_src.clips(eval_idx).to(device)
     result.eval_clips = len(eval_idx)
     stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
-    bar = progress(cfg.steps, initial=step, desc=f"train_recon {cfg.preset}/{cfg.size}", enabled=cfg.progress)
-    with Logger(run_dir / "tb", purge_step=step if step else None) as log:
+    bar = progress(cfg.steps, initial=step, desc=f"train_recon {cfg.preset}/{cfg.size}",
+                   enabled=cfg.progress and d.is_main)
+    with Logger(run_dir / "tb" if d.is_main else None, purge_step=step if step else None) as log:
         if step == 0:
             log.text("config", f"```\n{json.dumps(meta, indent=2)}\n```")
         model.train()
         t_last, ema = time.perf_counter(), None
         while step < stop:
-            video = train_src.clips(sampler.next_batch()).to(device)
-            video, gazed, frames = training_batch(cfg, video, grid, gen)
-            loss, _ = mae_loss(model, video, gazed, frames, loss_fn)
+            gen.manual_seed(d.rank_seed(cfg.seed) * 1_000_033 + step)  # this rank's gazes of this step
+            parts = d.split(sampler.next_batch(), cfg.grad_accum)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            for i, part in enumerate(parts):
+                video = train_src.clips(part).to(device)
+                video, gazed, frames = training_batch(cfg, video, grid, gen)
+                with d.accumulate(ddp, sync=i == len(parts) - 1):
+                    loss, _ = ddp(video, gazed, frames, loss_fn)
+                    (loss / len(parts)).backward()
+                value += loss.item() / len(parts)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             opt.step()
             sched.step()
             step += 1
-            value = loss.item()
+            value = d.all_mean({"loss": value})["loss"]
             result.losses[step] = value
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             if step % cfg.log_every == 0 or step == stop:
@@ -475,16 +509,16 @@ def train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None
                 t_last = now
                 bar.set_postfix(loss=f"{ema:.4f}")
             bar.update(1)
-            if cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_every and step % cfg.eval_every == 0 and d.is_main:
                 log.log("eval", _held_out(model, eval_video, cfg.seed), step)
                 model.train()
-            if step % cfg.save_every == 0 or step == stop:
+            if (step % cfg.save_every == 0 or step == stop) and d.is_main:
                 checkpoint(step_dir(run_dir, step))
                 prune_checkpoints(run_dir, cfg.keep_last)
         bar.close()
         if step >= cfg.steps:
             result.final = checkpoint(run_dir / "final")
-            if cfg.quality:
+            if cfg.quality and d.is_main:
                 result.quality = quality_table(model, eval_video, cfg.quality_ratios, cfg.quality_masks, cfg.seed)
                 for r in result.quality:
                     log.log(

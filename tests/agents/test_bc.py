@@ -3,7 +3,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import GreedyOracle, RasterGazer, run_episodes
-from agents.bc import bc_loss, oracle_labels, trim_steps
+from agents.bc import bc_loss, bc_totals, oracle_labels, trim_steps
 from agents.policy import AutoGazePolicy, gazed_before, preprocess
 from gaze_env.builder import build
 from tests.conftest import random_clips
@@ -40,6 +40,31 @@ def test_bc_loss__finite_and_gradients_reach_every_parameter():
     assert bool((policy.gazing_model.gaze_decoder.task_loss_prediction_head.weight.grad.abs().sum(1) > 0).all())
     # diagnostics are detached
     assert not out["acc"].requires_grad and not out["ce_head0"].requires_grad
+
+
+def test_bc_loss__parts_normalised_by_bc_totals_add_up_to_the_whole_batch():
+    torch.manual_seed(2)
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=3)
+    batch = expert_batch(n=4, seed=5)
+    K, STOP = 3, policy.config.stop_id
+    whole = bc_loss(policy, batch)
+    assert int(bc_totals(batch, K, STOP)["ce"][0]) == int(whole["targets"])  # head 0's count, counted twice
+    (whole["loss_ce"] + whole["loss_pred"]).backward()
+    reference = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    parts = [batch[:1], batch[1:3], batch[3:]]  # uneven parts: a plain mean of their means would differ
+    totals = {k: sum(bc_totals(b, K, STOP)[k] for b in parts) for k in ("ce", "pred")}
+    ce = pred = 0.0
+    for b in parts:
+        out = bc_loss(policy, b, totals=totals)
+        (out["loss_ce"] + out["loss_pred"]).backward()
+        ce, pred = ce + out["loss_ce"].detach(), pred + out["loss_pred"].detach()
+    assert torch.allclose(ce, whole["loss_ce"], atol=1e-6) and torch.allclose(pred, whole["loss_pred"], atol=1e-7)
+    for name, p in policy.named_parameters():
+        if name in reference:
+            assert torch.allclose(p.grad, reference[name], atol=1e-6, rtol=1e-4), name
+    plain = sum(bc_loss(policy, b)["loss_ce"] for b in parts) / 3
+    assert not torch.allclose(plain, whole["loss_ce"], atol=1e-4)  # the normalisers matter
 
 
 @pytest.mark.parametrize("mask_gazed", [True, False])

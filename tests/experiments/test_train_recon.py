@@ -80,7 +80,8 @@ def test_train_recon__config_validation_and_help():
     with pytest.raises(ValueError, match="unknown size"):
         TrainReconConfig(size="huge")
     text = build_parser(TrainReconConfig).format_help()
-    assert "Clips per step. (default: 16)" in text and "--resume" in text and "--no-hflip" in text
+    assert "Clips per step: the global batch" in text and "(default: 16)" in text and "--resume" in text
+    assert "--no-hflip" in text and "--grad-accum" in text
 
 
 def test_paste_frame_losses__equals_the_baselines_own_rollout():
