@@ -28,9 +28,13 @@ Batch API: ``BlockCausalMAE.reconstruct(video, gazed, frames)``. Environment API
 
     gymnasium.make("AutoGaze-v0", reward="mae", reward_kwargs={"checkpoint": "runs/recon/tiny/final"})
 
+Fast inference: ``MAEGraphRunner`` computes what ``reconstruct`` does with shapes rounded up to
+buckets (``prepare_padded``: a fixed token capacity, padding masked out, no host sync) and, on
+CUDA, replays one CUDA graph per bucket; ``MAEReconstructor`` uses it on CUDA by default.
+
 Training helpers (used by ``experiments/train_recon.py``): ``sample_gaze_counts``,
 ``sample_gaze_masks`` (random multi-scale gazes drawn like real gazing) and ``mae_loss``.
-Speed: ``python -m rewards.mae --bench`` (see ``benchmark``).
+Speed: ``python -m rewards.mae --bench`` (see ``benchmark``; eager vs graphed clips/s).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import contextlib
 import json
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -61,6 +66,7 @@ __all__ = [
     "BlockCausalMAE",
     "MAEConfig",
     "MAEFrameReward",
+    "MAEGraphRunner",
     "MAEInputs",
     "MAEReconstructor",
     "benchmark",
@@ -189,11 +195,28 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - _PIXEL_MEAN) / _PIXEL_STD
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing elsewhere (CPU runs in float32)."""
+def _autocast(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA; nothing elsewhere (CPU runs in float32). ``cache=False`` for code
+    captured in a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+def _attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, Q, K) bool, True = may attend -> the ``attn_mask`` of ``scaled_dot_product_attention``.
+
+    On the CPU: the bool mask as (B, 1, Q, K). On CUDA: the additive bias SDPA would derive from
+    it (0 where allowed, -inf elsewhere, in the dtype of the queries: autocast's when it is on),
+    made once per forward instead of once per block, in rows padded to 16 elements so that the
+    memory-efficient kernel reads it in place instead of copying it into an aligned buffer.
+    """
+    if mask.device.type != "cuda":
+        return mask[:, None]
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.float32
+    B, Q, K = mask.shape
+    bias = torch.zeros(B, 1, Q, -(-K // 16) * 16, dtype=dtype, device=mask.device)[..., :K]
+    return bias.masked_fill_(~mask[:, None], float("-inf"))
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -204,7 +227,7 @@ class MAEInputs:
 
     tokens: torch.Tensor  # (B, L, C) float: [0, 1] pixels of each gazed patch at its scale; 0 on padding
     token_index: torch.Tensor  # (B, L) int64: flat patch index of each token (0 on padding)
-    token_frame: torch.Tensor  # (B, L) int64: frame of each token (Tm on padding)
+    token_frame: torch.Tensor  # (B, L) int64: frame of each token (> every requested frame on padding)
     token_valid: torch.Tensor  # (B, L) bool: False on padding
     frames: torch.Tensor  # (B, F) int64: the frames to reconstruct
     prior: torch.Tensor  # (B, F, G, C) float: [0, 1] paste canvas of each requested frame, finest patches
@@ -251,7 +274,9 @@ class _Block(nn.Module):
         q = self.q(h).reshape(BR, Q, self.heads, -1).transpose(1, 2)
         kv = self._kv(h)
         if memory is not None:
-            kv = torch.cat([self._kv(self.norm_mem(memory)).repeat_interleave(repeat, 1), kv], 3)
+            mem = self._kv(self.norm_mem(memory))  # (2, B, heads, K - Q, d): each row for `repeat` rows of x
+            mem = mem[:, :, None].expand(-1, -1, repeat, -1, -1, -1).flatten(1, 2)
+            kv = torch.cat([mem, kv], 3)
         a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
         x = x + self.proj(a.transpose(1, 2).reshape(BR, Q, D))
         return x + self.mlp(self.norm2(x))
@@ -276,6 +301,18 @@ class BlockCausalMAE(nn.Module):
         self.register_buffer("pos_enc", _sincos(centres, D), persistent=False)  # (N, D)
         self.register_buffer("pos_dec", _sincos(centres[self.finest], Dd), persistent=False)  # (G, Dd)
         self.register_buffer("patch_scale", grid.patch_scale.clone(), persistent=False)  # (N,)
+        # Paste cells: squares of `cell` pixels (the gcd of the region sides) that lie inside one
+        # patch of every scale, so that the paste canvas is constant on each (``prepare_padded``).
+        H, nc = grid.frame_size, grid.frame_size // math.gcd(*grid.region_sizes)
+        self.cell = H // nc
+        first = torch.arange(nc) * self.cell  # first pixel row (and column) of each cell
+        cover = [
+            grid.offsets[k] + (first[:, None] // side) * g + first[None, :] // side
+            for k, (g, side) in enumerate(zip(grid.grid_sizes, grid.region_sizes))
+        ]
+        self.register_buffer("cell_cover", torch.stack(cover).flatten(1), persistent=False)  # (k, nc^2) patch
+        centre = (torch.arange(grid.grid_sizes[-1]) * p + p // 2) // self.cell  # cell of each centre pixel
+        self.register_buffer("centre_cell", (centre[:, None] * nc + centre).flatten(), persistent=False)  # (G,)
         self.blocks = nn.ModuleList(_Block(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm = nn.LayerNorm(D)
         # decoder
@@ -314,6 +351,14 @@ class BlockCausalMAE(nn.Module):
 
     # ---- inputs --------------------------------------------------------------------------------
     def check_inputs(self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor) -> None:
+        """Raise ValueError on inputs ``prepare`` cannot take (reads ``frames`` on the host)."""
+        self.check_shapes(video, gazed, frames)
+        T = video.shape[1]
+        if frames.numel() and (int(frames.min()) < 0 or int(frames.max()) >= T):
+            raise ValueError(f"frames must lie in [0, {T}), got {frames.min().item()}..{frames.max().item()}")
+
+    def check_shapes(self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor) -> None:
+        """The checks of ``check_inputs`` that need no host read: dtypes and shapes."""
         grid, H = self.grid, self.grid.frame_size
         if video.dtype != torch.uint8 or video.ndim != 5 or tuple(video.shape[2:]) != (3, H, H):
             raise ValueError(
@@ -328,8 +373,6 @@ class BlockCausalMAE(nn.Module):
             )
         if frames.ndim != 2 or frames.shape[0] != B or frames.shape[1] < 1:
             raise ValueError(f"frames must be int64 (B, F) with B = {B} and F >= 1, got {tuple(frames.shape)}")
-        if frames.numel() and (int(frames.min()) < 0 or int(frames.max()) >= T):
-            raise ValueError(f"frames must lie in [0, {T}), got {frames.min().item()}..{frames.max().item()}")
 
     @torch.no_grad()
     def prepare(self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor) -> MAEInputs:
@@ -404,6 +447,91 @@ class BlockCausalMAE(nn.Module):
             prior_level=prior_level + 1,
         )
 
+    @torch.no_grad()
+    def prepare_padded(
+        self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor, capacity: int
+    ) -> MAEInputs:
+        """``prepare`` with a fixed token capacity and no host synchronisation (CUDA-graph safe).
+
+        Args:
+            video: (B, T, 3, H, W) uint8 clips.
+            gazed: (B, T, N) bool gazed patches of every frame.
+            frames: (B, F) int64 frames to reconstruct, each in [0, T) (not checked here: the
+                caller validates, e.g. with ``check_inputs``).
+            capacity: token slots per clip, ``L``. It must be at least the gazes of frames up to
+                each clip's last requested frame: tokens past it are dropped. The slots after a
+                clip's tokens are padding (``token_valid`` False), masked out of all attention, so
+                the network's output does not depend on ``capacity`` (up to rounding).
+
+        The inputs equal ``prepare``'s on every valid token (same order: by frame, then patch)
+        and in ``prior``, ``prior_age`` and ``prior_level`` exactly; padding tokens carry frame
+        ``T``. Every frame of ``video`` is processed (``prepare`` stops at the last requested
+        one): pass ``video[:, :Tm]`` to save the work.
+        """
+        grid, device = self.grid, video.device
+        p, H, K, N = grid.patch_size, grid.frame_size, grid.num_scales, grid.num_patches
+        B, T = video.shape[:2]
+        Fq, C, G = frames.shape[1], 3 * p * p, self.num_queries
+        frame_ids = torch.arange(T, device=device)
+        b = torch.arange(B, device=device)[:, None]
+
+        # token slots: the gazes of frames <= the clip's last requested one, packed in order
+        keep = (gazed & (frame_ids[:, None] <= frames.max(1).values[:, None, None])).flatten(1)  # (B, T N)
+        slot = keep.cumsum(1) - 1
+        slot = torch.where(keep & (slot < capacity), slot, capacity)  # the rest go to a dropped slot
+        src = torch.zeros(B, capacity + 1, dtype=torch.int64, device=device)
+        src = src.scatter_(1, slot, torch.arange(T * N, device=device).expand(B, -1))[:, :capacity]  # (B, L) t N + n
+        token_valid = torch.arange(capacity, device=device) < keep.sum(1, keepdim=True)  # (B, L)
+
+        # Every frame at every scale: patch contents (token features) and paste views, as ``prepare``
+        # makes them, each written once straight into its final layout.
+        BT, cs = B * T, self.cell
+        nc, m = H // cs, p // cs  # cells per side, per patch side
+
+        def cells(img: torch.Tensor) -> torch.Tensor:  # (B T, 3, H, W) -> (B T, nc, nc, 3, cs, cs) view
+            return img.reshape(BT, 3, nc, cs, nc, cs).permute(0, 2, 4, 1, 3, 5)
+
+        x = video.flatten(0, 1)  # (B T, 3, H, W) uint8
+        xf = x.float() if K > 1 else x  # input of the resizes of the coarser scales
+        feats = torch.empty(BT, N, C, device=device)  # 0..255 patch contents of every scale, flat order
+        views = torch.empty(BT, K, nc, nc, 3, cs, cs, dtype=torch.uint8, device=device)  # by cell
+        for k, (s, g) in enumerate(zip(grid.scales, grid.grid_sizes)):
+            down = x if s == H else grid.resize(xf, s)
+            patches = down.reshape(BT, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
+            feats[:, grid.offsets[k] : grid.offsets[k + 1]].view(BT, g, g, 3, p, p).copy_(patches)
+            # ``prepare`` also clamps the rounded view to [0, 255]: a no-op, as both resizes
+            # average their inputs with non-negative weights summing to 1, so the view stays in
+            # [0, 255] up to float rounding, which rounding to integers removes
+            views[:, k].copy_(cells(x if s == H else grid.resize(down, H).round_()))
+        feats = feats.reshape(B, T * N, C)
+        tokens = torch.where(token_valid[..., None], feats[b, src] / 255, 0.0)  # (B, L, C)
+
+        # paste canvas: per cell and frame, the finest scale pasting it (1 + k; 0: none), then for
+        # each requested frame the last frame <= it that pasted the cell and that paste's view
+        level = (gazed[:, :, self.cell_cover] * torch.arange(1, K + 1, device=device)[:, None]).amax(2)  # (B, T, cells)
+        pasted = (level[:, None] > 0) & (frame_ids[:, None] <= frames[:, :, None, None])  # (B, F, T, cells)
+        stamp = torch.where(pasted, frame_ids[:, None], -1).amax(2)  # (B, F, cells): -1 if never
+        level = level.gather(1, stamp.clamp(min=0)).masked_fill_(stamp < 0, 0)  # (B, F, cells)
+        source = (stamp.clamp(min=0) * K + (level - 1).clamp(min=0)) * nc * nc + torch.arange(nc * nc, device=device)
+        canvas = views.reshape(B, T * K * nc * nc, -1)[b, source.flatten(1)]  # (B, F cells, 3 cs^2) uint8
+        canvas = torch.where(level.reshape(B, -1, 1) > 0, canvas, GREY).div_(255)  # [0, 1]; grey if never pasted
+        # cells -> finest patches: cell row i m + a of patch row i holds its pixel rows a cs .. a cs + cs - 1
+        gf = grid.grid_sizes[-1]
+        canvas = canvas.reshape(B * Fq, gf, m, gf, m, 3, cs, cs)
+        prior = canvas.permute(0, 1, 3, 5, 2, 6, 4, 7).reshape(B, Fq, G, C)
+        stamp_c = stamp[:, :, self.centre_cell]  # (B, F, G) at the centre pixel of each finest patch
+        Tn = self.config.num_frames
+        return MAEInputs(
+            tokens=tokens,
+            token_index=torch.where(token_valid, src % N, 0),
+            token_frame=torch.where(token_valid, src // N, T),
+            token_valid=token_valid,
+            frames=frames,
+            prior=prior,
+            prior_age=torch.where(stamp_c >= 0, (frames[..., None] - stamp_c).clamp(0, Tn - 1), Tn),
+            prior_level=level[:, :, self.centre_cell],
+        )
+
     # ---- network -------------------------------------------------------------------------------
     def forward(self, inputs: MAEInputs) -> torch.Tensor:
         """(B, F, 3, H, W) float reconstruction in [0, 1] units, not clamped."""
@@ -419,8 +547,9 @@ class BlockCausalMAE(nn.Module):
         )
         eye = torch.eye(L, dtype=torch.bool, device=x.device)
         enc_mask = (valid[:, None, :] & (tf[:, None, :] <= tf[:, :, None])) | eye  # (B, L, L)
+        enc_mask = _attention_mask(enc_mask)
         for blk in self.blocks:
-            x = blk(x, enc_mask[:, None])
+            x = blk(x, enc_mask)
         memory = self.memory_proj(self.norm(x))  # (B, L, Dd)
 
         G, Dd = self.num_queries, self.config.dec_dim
@@ -434,8 +563,9 @@ class BlockCausalMAE(nn.Module):
         ).reshape(B * Fq, G, Dd)
         sees = valid[:, None, :] & (tf[:, None, :] <= frames[:, :, None])  # (B, F, L)
         dec_mask = torch.cat([sees.reshape(B * Fq, 1, L).expand(-1, G, -1), sees.new_ones(B * Fq, G, G)], 2)
+        dec_mask = _attention_mask(dec_mask)
         for blk in self.dec_blocks:
-            q = blk(q, dec_mask[:, None], memory, repeat=Fq)
+            q = blk(q, dec_mask, memory, repeat=Fq)
         out = inputs.prior.reshape(B * Fq, G, -1) + self.head(self.dec_norm(q)).float()
         H = self.grid.frame_size
         return unpatchify(out, self.grid.patch_size).reshape(B, Fq, 3, H, H)
@@ -494,6 +624,145 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu") -> BlockCausa
     return model.to(device).eval()
 
 
+# ---- fast inference --------------------------------------------------------------------------
+def _bucket(n: int, per_octave: int) -> int:
+    """Smallest ``m * 2^e >= n`` with ``per_octave <= m < 2 per_octave`` (``n`` itself when
+    ``n <= 2 per_octave``): sizes with at most ``1 / per_octave`` of padding, few per octave."""
+    step = 1 << max(0, max(n, 1).bit_length() - 1 - (per_octave.bit_length() - 1))
+    return max(1, -(-n // step) * step)
+
+
+def token_capacity(count: int) -> int:
+    """Token slots ``MAEGraphRunner`` gives clips of at most ``count`` tokens: 8 sizes per octave
+    (<= 12.5% padding), multiples of 16 (aligned attention rows), at least 16."""
+    return max(16, -(-_bucket(count, 8) // 16) * 16)
+
+
+@dataclass
+class _Captured:
+    """One CUDA graph of ``MAEGraphRunner._compute`` and its static tensors."""
+
+    graph: torch.cuda.CUDAGraph
+    video: torch.Tensor  # (Bb, Tm, 3, H, W) uint8 input
+    gazed: torch.Tensor  # (Bb, Tm, N) bool input
+    frames: torch.Tensor  # (Bb, F) int64 input
+    out: torch.Tensor  # (Bb, F, 3, H, W) float32 output
+
+
+class MAEGraphRunner:
+    """Fast ``BlockCausalMAE.reconstruct``: fixed token capacity, then one CUDA graph replay.
+
+    ``reconstruct`` packs exactly the gazed tokens (host reads of their counts) and replays the
+    paste canvas frame by frame: hundreds of small launches with host syncs in between, so it is
+    launch-bound at small batches. Here each call makes one host read (the range of ``frames``,
+    to validate them, and the largest token count), rounds the shapes up to buckets, and runs
+    ``prepare_padded`` + the network, which need no host sync:
+
+    - batch ``B`` -> ``Bb`` (4 sizes per octave; extra rows are empty clips whose outputs are
+      dropped), frames to read ``max(frames) + 1`` -> the next power of two ``Tm`` (at most
+      ``T``), tokens -> ``token_capacity`` (padding slots are masked out of attention);
+    - on CUDA (``graphs=True``, the default there) each ``(Bb, Tm, F, capacity)`` is captured once
+      as a CUDA graph (autocast bf16, as ``reconstruct``) and replayed: inputs are copied into its
+      static buffers and the output is copied out, so results never alias the graph's memory;
+    - with ``graphs=False`` the same padded computation runs eagerly (CPU, or CUDA without graphs).
+
+    The output equals ``reconstruct``'s up to rounding: float32 on the CPU (<= 1e-5), bf16 on
+    CUDA (the padded shapes can change kernel tiling). Graphs share one memory pool; the
+    ``max_graphs`` most recently used are kept. They read the model's parameters in place: weight
+    updates (``load_state_dict``, optimiser steps) are seen, and moving the model to new memory
+    (``.to(...)``) drops the graphs, which are captured again on the next call.
+    """
+
+    def __init__(self, model: BlockCausalMAE, graphs: bool | None = None, max_graphs: int = 32) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.model = model
+        self.graphs = graphs
+        self.max_graphs = max_graphs
+        self._captured: OrderedDict[tuple[int, int, int, int], _Captured] = OrderedDict()
+        self._pool: tuple[int, int] | None = None
+        self._memory: tuple[int, ...] = ()  # parameter / buffer addresses the graphs read
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._captured)
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Same contract as ``BlockCausalMAE.reconstruct``: (B, F, 3, H, W) float in [0, 1]."""
+        model, device = self.model, video.device
+        frames = torch.as_tensor(frames, dtype=torch.int64, device=device)
+        model.check_shapes(video, gazed, frames)
+        graphs = device.type == "cuda" if self.graphs is None else self.graphs
+        if graphs and device.type != "cuda":
+            raise ValueError(f"graphs=True needs CUDA inputs, got them on {device}")
+        B, T = video.shape[:2]
+        if B == 0:
+            return torch.zeros(0, frames.shape[1], 3, video.shape[-1], video.shape[-1], device=device)
+        last = frames.max(1).values  # (B,)
+        count = (gazed & (torch.arange(T, device=device)[:, None] <= last[:, None, None])).flatten(1).sum(1).max()
+        lo, hi, n = torch.stack([frames.min(), last.max(), count]).tolist()  # the one host read
+        if lo < 0 or hi >= T:
+            raise ValueError(f"frames must lie in [0, {T}), got {lo}..{hi}")
+        Tm, cap = min(T, 1 << hi.bit_length()), token_capacity(n)
+        if not graphs:
+            return self._compute(video[:, :Tm], gazed[:, :Tm], frames, cap)
+        g = self._graph(_bucket(B, 4), Tm, frames.shape[1], cap, video)
+        g.video[:B].copy_(video[:, :Tm])
+        g.gazed[:B].copy_(gazed[:, :Tm])
+        g.frames[:B].copy_(frames)
+        if B < g.video.shape[0]:  # rows of an earlier, larger batch: make them empty clips again
+            g.gazed[B:].zero_()
+            g.frames[B:].zero_()
+        g.graph.replay()
+        return g.out[:B].clone()
+
+    def _compute(self, video: torch.Tensor, gazed: torch.Tensor, frames: torch.Tensor, capacity: int) -> torch.Tensor:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            inputs = model.prepare_padded(video, gazed, frames, capacity)
+            with _autocast(video.device, cache=False):
+                return model(inputs).float().clamp_(0, 1)
+        finally:
+            model.train(was_training)
+
+    def _graph(self, Bb: int, Tm: int, Fq: int, capacity: int, like: torch.Tensor) -> _Captured:
+        """The graph of these shapes, captured on first use (after a warm-up on a side stream,
+        as capture requires); the least recently used one goes once ``max_graphs`` are held."""
+        memory = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers()))
+        if memory != self._memory:
+            self._captured.clear()
+            self._memory = memory
+        key = (Bb, Tm, Fq, capacity)
+        if key in self._captured:
+            self._captured.move_to_end(key)
+            return self._captured[key]
+        device = like.device
+        H, N = self.model.grid.frame_size, self.model.grid.num_patches
+        video = torch.zeros(Bb, Tm, 3, H, H, dtype=torch.uint8, device=device)
+        gazed = torch.zeros(Bb, Tm, N, dtype=torch.bool, device=device)
+        frames = torch.zeros(Bb, Fq, dtype=torch.int64, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._compute(video, gazed, frames, capacity)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self._pool is None:
+            # One pool for all graphs: they never run concurrently and nothing in the pool is read
+            # after a replay but the output, which is copied out at once.
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._compute(video, gazed, frames, capacity)
+        self._captured[key] = _Captured(graph, video, gazed, frames, out)
+        while len(self._captured) > self.max_graphs:
+            self._captured.popitem(last=False)
+        return self._captured[key]
+
+
 # ---- the environment's reconstructor and reward ----------------------------------------------
 class MAEReconstructor:
     """The ``Reconstructor`` protocol with the learned MAE scoring frame ends.
@@ -513,14 +782,19 @@ class MAEReconstructor:
         frames: ``"scored"`` (default) runs the MAE only on frame ends the ``frame`` reward scores
             (``state.reward_frames``; the paper reconstructs 2 of 16 frames) and leaves the paste
             loss on the others; ``"all"`` runs it at every frame end.
+        graphs: run the MAE through ``MAEGraphRunner`` (padded shapes, CUDA graphs) on CUDA
+            states; ``None`` (default) = yes, ``False`` = ``BlockCausalMAE.reconstruct`` as on the
+            CPU, which always uses ``reconstruct``.
     """
 
-    def __init__(self, model: BlockCausalMAE, frames: str = "scored") -> None:
+    def __init__(self, model: BlockCausalMAE, frames: str = "scored", graphs: bool | None = None) -> None:
         if frames not in ("scored", "all"):
             raise ValueError(f"frames must be 'scored' or 'all', got {frames!r}")
         self.model = model.eval()
         self.frames = frames
         self.paste = PasteReconstructor(model.grid, "grey")
+        self.graphs = graphs
+        self.runner = MAEGraphRunner(self.model, graphs=True)
 
     def check_state(self, state: GazeState) -> None:
         """Raise ValueError when the env's clips do not fit the model's geometry."""
@@ -552,7 +826,9 @@ class MAEReconstructor:
         sel = state.reward_frames[rows, t] if self.frames == "scored" else torch.ones_like(t, dtype=torch.bool)
         r = rows[sel]
         if r.numel():
-            recon = self.model.reconstruct(state.video[r], state.history[r], t[sel][:, None])[:, 0]
+            fast = state.device.type == "cuda" and self.graphs is not False
+            reconstruct = self.runner if fast else self.model.reconstruct
+            recon = reconstruct(state.video[r], state.history[r], t[sel][:, None])[:, 0]
             target = state.video[r, t[sel]].float().div_(255)
             out[sel] = loss(target, recon).float()
         return out
@@ -572,9 +848,11 @@ def make_mae_reward(
     gaze_cost: float = 0.0,
     loss_threshold: float | None = None,
     frames: str = "scored",
+    graphs: bool | None = None,
 ) -> MAEFrameReward:
     """Factory of the ``mae`` reward: ``reward_kwargs={"checkpoint": folder, "loss": ..., "gaze_cost":
-    ..., "loss_threshold": ..., "frames": "scored" | "all"}`` (see ``MAEReconstructor``).
+    ..., "loss_threshold": ..., "frames": "scored" | "all", "graphs": None | bool}`` (see
+    ``MAEReconstructor``).
 
     The checkpoint's geometry is checked against the env's clips at ``reset`` (the factory does not
     see the env's preset): a mismatch raises ValueError naming both.
@@ -585,7 +863,7 @@ def make_mae_reward(
             "written by `python -m experiments.train_recon --preset tiny`"
         )
     model = load_mae(checkpoint)
-    return MAEFrameReward(make_loss(loss), float(gaze_cost), loss_threshold, MAEReconstructor(model, frames))
+    return MAEFrameReward(make_loss(loss), float(gaze_cost), loss_threshold, MAEReconstructor(model, frames, graphs))
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -699,60 +977,95 @@ def mae_loss(
 
 
 # ---- speed -----------------------------------------------------------------------------------
+BENCH_MODES = ("eager", "padded", "graph")
+"""``benchmark`` modes: ``reconstruct``; ``MAEGraphRunner`` without graphs; with CUDA graphs."""
+
+
 def benchmark(
     preset: str = "small",
     size: str = "small",
     batch_sizes: tuple[int, ...] = (8, 64),
     recon_frames: int = 2,
-    gazing_ratio: float = 0.1,
+    gazing_ratio: float | tuple[float, ...] = 0.1,
     device: str = "cuda",
     iters: int = 20,
     warmup: int = 3,
     seed: int = 0,
+    modes: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    """Reward throughput of ``reconstruct`` (clips/s) on random clips of the preset's length.
+    """Reward throughput (clips/s) of the MAE on random clips of the preset's length, one row per
+    (gazing ratio, batch size, mode).
 
     Each clip gets ``gazing_ratio * N`` uniformly random gazes per frame and ``recon_frames``
-    distinct random frames to reconstruct (the paper: 2 of 16). The weights are random (speed does
-    not depend on them). Times cover ``prepare`` (token packing, paste canvas) and the network.
+    distinct random frames to reconstruct (the paper: 2 of 16), the reward's work as the env
+    asks for it: decode those frames from the gazed patches. Times cover everything from the
+    uint8 clips and bool gazes to the [0, 1] frames: input checks, token packing, the paste
+    canvas and the network. ``modes`` (see ``BENCH_MODES``; default ``eager`` and, on CUDA,
+    ``graph``): ``eager`` = ``BlockCausalMAE.reconstruct``, ``padded`` / ``graph`` =
+    ``MAEGraphRunner`` without / with CUDA graphs (its graphs are captured in the warm-up).
+    The weights are random, with a non-zero output head so that the whole network shapes the
+    output: ``max_abs_diff`` is each mode's largest difference from ``eager`` on the same inputs.
     """
     dev = torch.device(device)
+    modes = modes or (("eager", "graph") if dev.type == "cuda" else ("eager",))
+    unknown = set(modes) - set(BENCH_MODES)
+    if unknown:
+        raise ValueError(f"unknown benchmark mode(s) {sorted(unknown)}; known: {BENCH_MODES}")
+    if "graph" in modes and dev.type != "cuda":
+        raise ValueError(f"mode 'graph' needs a CUDA device, got {device!r}")
+    ratios = (gazing_ratio,) if isinstance(gazing_ratio, (int, float)) else tuple(gazing_ratio)
+    torch.manual_seed(seed)
     model = BlockCausalMAE(MAEConfig.make(preset, size)).to(dev).eval()
+    nn.init.trunc_normal_(model.head.weight, std=0.02)  # speed does not depend on it; the diffs do
+    run = {
+        "eager": model.reconstruct,
+        "padded": MAEGraphRunner(model, graphs=False),
+        "graph": MAEGraphRunner(model, graphs=True) if dev.type == "cuda" else None,
+    }
     grid, T = model.grid, model.config.num_frames
     H, N = grid.frame_size, grid.num_patches
     g = torch.Generator(device=dev).manual_seed(seed)
     rows = []
-    for B in batch_sizes:
-        video = torch.randint(0, 256, (B, T, 3, H, H), generator=g, device=dev, dtype=torch.uint8)
-        n = max(1, int(gazing_ratio * N))
-        gazed = torch.rand(B, T, N, generator=g, device=dev).argsort(-1).argsort(-1) < n
-        frames = torch.rand(B, T, generator=g, device=dev).argsort(-1)[:, :recon_frames].sort(-1).values
-        for _ in range(warmup):
-            model.reconstruct(video, gazed, frames)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        start = time.perf_counter()
-        for _ in range(iters):
-            model.reconstruct(video, gazed, frames)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        sec = (time.perf_counter() - start) / iters
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-        rows.append(
-            dict(
-                preset=preset,
-                size=size,
-                batch=B,
-                frames=T,
-                recon_frames=recon_frames,
-                ms_per_batch=1e3 * sec,
-                clips_per_s=B / sec,
-                peak_gib=peak,
-                params=model.num_parameters(),
-                device=str(dev),
-            )
-        )
+    for ratio in ratios:
+        for B in batch_sizes:
+            video = torch.randint(0, 256, (B, T, 3, H, H), generator=g, device=dev, dtype=torch.uint8)
+            n = max(1, int(ratio * N))
+            gazed = torch.rand(B, T, N, generator=g, device=dev).argsort(-1).argsort(-1) < n
+            frames = torch.rand(B, T, generator=g, device=dev).argsort(-1)[:, :recon_frames].sort(-1).values
+            reference = model.reconstruct(video, gazed, frames)
+            for mode in modes:
+                fn = run[mode]
+                for _ in range(warmup):
+                    out = fn(video, gazed, frames)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    out = fn(video, gazed, frames)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                sec = (time.perf_counter() - start) / iters
+                peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+                rows.append(
+                    dict(
+                        preset=preset,
+                        size=size,
+                        mode=mode,
+                        ratio=ratio,
+                        gazes_per_frame=n,
+                        batch=B,
+                        frames=T,
+                        recon_frames=recon_frames,
+                        ms_per_batch=1e3 * sec,
+                        clips_per_s=B / sec,
+                        max_abs_diff=(out - reference).abs().max().item(),
+                        peak_gib=peak,
+                        params=model.num_parameters(),
+                        device=str(dev),
+                        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    )
+                )
     return rows
 
 
@@ -761,14 +1074,18 @@ def _main(argv: list[str] | None = None) -> None:
         description="MAE utilities: parameter counts (--params) and reward throughput (--bench).",
     )
     ap.add_argument("--params", action="store_true", help="print parameter counts of every size x preset")
-    ap.add_argument("--bench", action="store_true", help="time reconstruct() (clips/s)")
+    ap.add_argument("--bench", action="store_true", help="time the reward's reconstructions (clips/s)")
     ap.add_argument("--preset", nargs="+", default=["small", "paper"], help="geometry presets to bench")
     ap.add_argument("--size", nargs="+", default=["small"], help="model sizes to bench (tiny, small)")
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 64], help="batch sizes (clips)")
     ap.add_argument("--recon-frames", type=int, default=2, help="frames reconstructed per clip")
-    ap.add_argument("--ratio", type=float, default=0.1, help="gazing ratio of the random gazes")
+    ap.add_argument("--ratio", nargs="+", type=float, default=[0.1, 0.75], help="gazing ratios of the random gazes")
+    ap.add_argument(
+        "--mode", nargs="+", choices=BENCH_MODES, help="eager, padded, graph (default: eager + graph on CUDA)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--iters", type=int, default=20, help="timed iterations per batch size")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per row")
+    ap.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.params or not args.bench:
         for size in MODEL_SIZES:
@@ -776,16 +1093,37 @@ def _main(argv: list[str] | None = None) -> None:
                 n = BlockCausalMAE(MAEConfig.make(preset, size)).num_parameters()
                 print(f"size={size:5s} preset={preset:5s} params={n / 1e6:.2f}M")
     if args.bench:
-        print(f"{'preset':6s} {'size':5s} {'B':>4s} {'ms/batch':>9s} {'clips/s':>9s} {'peak GiB':>8s}  device")
+        rows = []
+        print(
+            f"{'preset':6s} {'size':5s} {'ratio':>5s} {'B':>4s} {'mode':6s} {'ms/batch':>9s} {'clips/s':>9s} "
+            f"{'x eager':>7s} {'max|diff|':>9s} {'peak GiB':>8s}  device"
+        )
         for preset in args.preset:
             for size in args.size:
-                for r in benchmark(
-                    preset, size, tuple(args.batch), args.recon_frames, args.ratio, args.device, args.iters
-                ):
+                mode = tuple(args.mode) if args.mode else None
+                new = benchmark(
+                    preset,
+                    size,
+                    tuple(args.batch),
+                    args.recon_frames,
+                    tuple(args.ratio),
+                    args.device,
+                    args.iters,
+                    modes=mode,
+                )
+                eager = {(r["ratio"], r["batch"]): r["clips_per_s"] for r in new if r["mode"] == "eager"}
+                for r in new:
+                    speedup = r["clips_per_s"] / eager.get((r["ratio"], r["batch"]), math.nan)
+                    r["speedup_vs_eager"] = speedup
                     print(
-                        f"{r['preset']:6s} {r['size']:5s} {r['batch']:4d} {r['ms_per_batch']:9.2f} "
-                        f"{r['clips_per_s']:9.1f} {r['peak_gib']:8.2f}  {r['device']}"
+                        f"{r['preset']:6s} {r['size']:5s} {r['ratio']:5.2f} {r['batch']:4d} {r['mode']:6s} "
+                        f"{r['ms_per_batch']:9.2f} {r['clips_per_s']:9.1f} {speedup:7.1f} {r['max_abs_diff']:9.2e} "
+                        f"{r['peak_gib']:8.2f}  {r['device_name']}",
+                        flush=True,
                     )
+                rows += new
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
