@@ -37,6 +37,7 @@ Generation is greedy. :class:`StaticGenerator` is the engine: the policy's own c
 inside a frame, so that on CUDA its two steps (a frame's prefill and one decode step) are
 captured as CUDA graphs once (per frame of a clip) and replayed. It gives the gazes
 ``generate`` gives (tests hold them equal); ``engine="reference"`` runs ``generate`` itself.
+Built with ``sample=True`` it samples instead (RL rollouts, ``agents.rollout.RolloutEngine``).
 """
 
 from __future__ import annotations
@@ -128,6 +129,16 @@ class StaticGenerator:
     advance; with one, the device says after every step whether a clip goes on (one sync).
     A frame is two replayable functions over preallocated buffers: ``prefill`` (the frame's
     vision tokens) and ``step`` (choose K gazes per clip, write them, predict the next ones).
+
+    ``sample=True`` samples at a temperature instead of taking the argmax, from the distribution
+    ``generate(temperature=...)`` samples from (the masked logits over the temperature, heads in
+    order, each head's pick masked from the later ones), by the Gumbel-max trick: before every
+    step the host draws ``E ~ Exp(1)`` per clip, head and id into a buffer from the caller's
+    ``torch.Generator``, and the step picks ``argmax(scores / temperature - log E)``, so the
+    graphs hold no random-number state. ``log_prob`` is the pick's log-probability under that
+    distribution, as ``AutoGazePolicy.score`` at the same temperature gives it back. The draws
+    differ from ``generate``'s (it calls ``torch.multinomial``): equal in distribution, not
+    sample by sample.
     With ``cuda_graph=True`` both are captured as CUDA graphs once per frame of a clip (attention
     then reads, masked, every cache slot that frame may have filled, instead of exactly those
     filled so far) and replayed; ``compile=True`` first passes them through ``torch.compile``.
@@ -147,6 +158,7 @@ class StaticGenerator:
         min_gazes_per_frame: int = 1,
         cuda_graph: bool = False,
         compile: bool = False,
+        sample: bool = False,
     ) -> None:
         cfg = policy.config
         N, K, V, P = cfg.num_patches, cfg.num_multi_token_pred, cfg.vocab_size, cfg.tokens_per_frame
@@ -186,6 +198,12 @@ class StaticGenerator:
         self.vision_offsets = torch.arange(P, device=dev)
         self.key_index = torch.arange(self.state.capacity, device=dev)
         self.all_vision = torch.ones(B, P, dtype=torch.bool, device=dev)
+        # sampling: the temperature (a buffer, so that graphs replay at any) and the Exp(1) draws of
+        # the next step; ones give Gumbel noise 0 (what the capture's warm-up runs on)
+        self.sample = sample
+        self.temperature = torch.ones((), device=dev)
+        self.noise = torch.ones(B, K, V, device=dev) if sample else None
+        self._tokens_only = False  # the clip started from given vision tokens: no conv cache kept
         self._num_keys = self.state.capacity
         self._length_bound = 0  # host-side upper bound of every clip's cache length
         fns = {"prefill": self._prefill, "step": self._step}
@@ -207,23 +225,53 @@ class StaticGenerator:
         st.conv_cache = None
         st.frames_seen = 0
         self._length_bound = 0
+        self._tokens_only = False
 
     @torch.no_grad()
-    def generate(self, video: Tensor, budgets: Tensor, thresholds: Tensor | None = None) -> Gazes:
+    def generate(
+        self,
+        video: Tensor | None,
+        budgets: Tensor,
+        thresholds: Tensor | None = None,
+        *,
+        tokens: Tensor | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Gazes:
         """Continue the clips with T more frames.
 
         Args:
-            video: (B, T, 3, S, S) float, preprocessed.
+            video: (B, T, 3, S, S) float, preprocessed; None when ``tokens`` are given.
             budgets: (B, T) int64 gaze budgets in [1, max_gazes_per_frame].
             thresholds: (B, T) float task-loss requirements, or None (no early stop).
+            tokens: (B, T, P, H) the clips' vision tokens (``AutoGazePolicy.encode``) instead of
+                ``video``, e.g. one encoding shared by several rollouts of a clip; only at the start
+                of a clip (no conv cache is kept to stream on from).
+            temperature, generator: sampling (``sample=True`` only): temperature > 0 and the
+                ``torch.Generator`` (on the model's device) the draws come from.
         """
         cfg, st = self.policy.config, self.state
         K, P = cfg.num_multi_token_pred, cfg.tokens_per_frame
-        B, T = video.shape[:2]
+        if (video is None) == (tokens is None):
+            raise ValueError("give video or its vision tokens, not both or neither")
+        if tokens is not None and st.frames_seen:
+            raise ValueError("vision tokens start a clip: call reset() first")
+        if video is not None and self._tokens_only:
+            raise ValueError("this clip started from vision tokens and has no conv cache to continue: reset() first")
+        if self.sample:
+            if temperature is None or temperature <= 0 or generator is None:
+                raise ValueError(
+                    f"a sampling generator needs temperature > 0 and a torch.Generator, got {temperature}, {generator}"
+                )
+            self.temperature.fill_(temperature)
+        elif temperature or generator is not None:
+            raise ValueError("this generator is greedy: build it with sample=True to sample")
+        B, T = (video if tokens is None else tokens).shape[:2]
         if B != self.batch_size or tuple(budgets.shape) != (B, T):
+            shape = tuple((video if tokens is None else tokens).shape)
             raise ValueError(
-                f"this generator runs {self.batch_size} clips; got video {tuple(video.shape)}, budgets "
-                f"{tuple(budgets.shape)}"
+                f"this generator runs {self.batch_size} clips; got {'video' if tokens is None else 'tokens'} "
+                f"{shape}, budgets {tuple(budgets.shape)}"
             )
         if thresholds is not None and tuple(thresholds.shape) != (B, T):
             raise ValueError(f"thresholds must be ({B}, {T}), got {tuple(thresholds.shape)}")
@@ -235,7 +283,10 @@ class StaticGenerator:
         low, high = budgets.aminmax()
         if int(low) < 1 or int(high) > self.max_gazes:
             raise ValueError(f"budgets must lie in [1, {self.max_gazes}], got {int(low)}..{int(high)}")
-        tokens, st.conv_cache = self.policy.encode(video, st.conv_cache)  # (B, T, P, H)
+        if tokens is None:
+            tokens, st.conv_cache = self.policy.encode(video, st.conv_cache)  # (B, T, P, H)
+        else:
+            self._tokens_only = True
         widths = budgets.amax(0).tolist()
         frames = []
         for t in range(T):
@@ -251,6 +302,9 @@ class StaticGenerator:
             self._run("prefill", slot)
             steps = math.ceil(widths[t] / K)
             for i in range(steps):
+                if self.noise is not None:
+                    # clamped away from 0: -log E stays finite, masked ids stay -inf
+                    self.noise.exponential_(generator=generator).clamp_min_(torch.finfo(self.noise.dtype).tiny)
                 self._run("step", slot)
                 if thresholds is not None and i + 1 < steps and not bool(self.decode):
                     break
@@ -350,13 +404,38 @@ class StaticGenerator:
         self._store_heads(hidden[:, -1])
         self.stale_base.copy_(st.num_attended - K)  # official decode positions: the last K of the prefill
 
+    def _sample(self, take: Tensor) -> tuple[Tensor, Tensor]:
+        """``AutoGazePolicy._choose`` at ``self.temperature`` with the Gumbel-max trick: take (B, K)
+        bool heads in use -> tokens (B, K) int64, log-probs (B, K) float32 (0 where not taken).
+
+        Head ``i`` picks ``argmax(scores_i / temperature + g_i)``, ``g = -log E`` Gumbel noise,
+        ``scores_i`` masked with the frame's gazes and the picks of heads ``< i``: a draw from
+        ``softmax(scores_i / temperature)``. As in the greedy path, row ``i`` ends up masked with
+        exactly what head ``i`` chose from, so one log-softmax after the loop gives every log-prob.
+        """
+        K = self.policy.config.num_multi_token_pred
+        scores = self.logits.masked_fill(self.used[:, None, :], float("-inf")) / self.temperature  # (B, K, V)
+        gumbel = -torch.log(self.noise)  # (B, K, V) finite: the draws are clamped above 0
+        picks = []
+        for i in range(K):
+            tok = (scores[:, i] + gumbel[:, i]).argmax(-1)  # (B,)
+            picks.append(tok)
+            if i + 1 < K:
+                scores[:, i + 1 :].scatter_(2, tok[:, None, None].expand(-1, K - i - 1, 1), float("-inf"))
+        tokens = torch.stack(picks, 1)  # (B, K)
+        logp = F.log_softmax(torch.where(take[..., None], scores, 0.0), dim=-1)
+        return tokens, torch.where(take, logp.gather(-1, tokens[..., None])[..., 0], 0.0)
+
     def _step(self) -> None:
         """One decode step of ``AutoGazePolicy._gaze_frame`` with masks for the clips that are done."""
         cfg, st = self.policy.config, self.state
         K, STOP, G = cfg.num_multi_token_pred, cfg.stop_id, self.max_gazes
         heads = self.heads
         take = self.active[:, None] & (heads < (self.budget - self.done).clamp(max=K)[:, None])  # (B, K)
-        tokens, logp = self.policy._choose(self.logits, self.used, take, 0.0, None)
+        if self.noise is None:
+            tokens, logp = self.policy._choose(self.logits, self.used, take, 0.0, None)
+        else:
+            tokens, logp = self._sample(take)
         slot = self.done[:, None] + heads  # (B, K)
         stop = take & (slot >= self.min_gazes_per_frame) & (self.loss <= self.threshold[:, None])
         emit = take if cfg.stop_per_head else take & (stop.long().cumsum(1) - stop.long() == 0)

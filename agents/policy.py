@@ -344,8 +344,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, H, bias=False)
         self.o_proj = nn.Linear(H, H, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, layer: int, cache: KVWrite | None) -> Tensor:
-        """x (B, Q, H), cos / sin (B, Q, 1, hd), mask (B, 1, Q, S) bool (True = attend)."""
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int, cache: KVWrite | None
+    ) -> Tensor:
+        """x (B, Q, H), cos / sin (B, Q, 1, hd), mask (B, 1, Q, S) bool (True = attend), or None for
+        plain causal attention without a cache (SDPA's fused causal kernels, no (B, S, S) mask)."""
+        if mask is None and cache is not None:
+            raise ValueError("causal attention (mask=None) reads no cache: pass an explicit mask")
         B, Q, _ = x.shape
         shape = (B, Q, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape)
@@ -362,7 +367,9 @@ class Attention(nn.Module):
                 k, v = kc[:, : cache.num_keys], vc[:, : cache.num_keys]
             else:
                 k, v = kc[cache.rows, : cache.num_keys], vc[cache.rows, : cache.num_keys]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
 
 
@@ -385,7 +392,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, layer: int, cache: KVWrite | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, layer: int, cache: KVWrite | None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -416,8 +425,9 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, cache: KVWrite | None) -> Tensor:
-        """embeds (B, Q, H), positions (B, Q) int64, mask (B, 1, Q, S) bool -> hidden (B, Q, H)."""
+    def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor | None, cache: KVWrite | None) -> Tensor:
+        """embeds (B, Q, H), positions (B, Q) int64, mask (B, 1, Q, S) bool (None: causal, no cache)
+        -> hidden (B, Q, H)."""
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, Q, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # (B, Q, 1, hd)
         cos, sin = emb.cos().to(embeds.dtype), emb.sin().to(embeds.dtype)
@@ -1009,7 +1019,7 @@ class AutoGazePolicy(nn.Module):
 
     def score(
         self,
-        video: Tensor,
+        video: Tensor | None,
         action: Tensor,
         frame_id: Tensor,
         valid: Tensor,
@@ -1017,6 +1027,7 @@ class AutoGazePolicy(nn.Module):
         masked: bool = True,
         temperature: float = 1.0,
         return_logits: bool = False,
+        tokens: Tensor | None = None,
     ) -> TensorDict:
         """Score a batch of trajectories in one teacher-forced pass (differentiable).
 
@@ -1031,6 +1042,8 @@ class AutoGazePolicy(nn.Module):
                 the official teacher-forced forward (STOP steps score the STOP logit).
             temperature: divide the logits by it before the softmax.
             return_logits: add the raw logits (B, L, N + 1) of the head that predicts each step.
+            tokens: the vision tokens (B, T, P, H) of ``video`` (:meth:`encode`), instead of
+                ``video`` (pass None): rollouts of one clip can then share one encoding.
 
         Returns a TensorDict, batch [B, L]: ``log_prob``, ``entropy`` (0 at STOP steps when masked),
         ``loss_pred`` (predicted frame loss after the step, the official
@@ -1041,10 +1054,10 @@ class AutoGazePolicy(nn.Module):
         K, V, STOP, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.stop_id, cfg.hidden_size
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        hidden, pos, rank, act, fid, valid = self.teacher_forced(video, action, frame_id, valid)
-        B, T = video.shape[:2]
+        hidden, pos, rank, act, fid, valid = self.teacher_forced(video, action, frame_id, valid, tokens=tokens)
+        B, T = (video if tokens is None else tokens).shape[:2]
         L = action.shape[1]
-        dev = video.device
+        dev = hidden.device
         b_idx = torch.arange(B, device=dev)
 
         head = rank % K  # (B, L) the head that predicts each step ...
@@ -1058,7 +1071,7 @@ class AutoGazePolicy(nn.Module):
         for k in range(K):
             sel = valid & (head == k)
             if bool(sel.any()):
-                logits[sel] = h_src[sel] @ weight[k].T
+                logits[sel] = (h_src[sel] @ weight[k].T).to(logits.dtype)  # autocast: bf16 product
         logits = logits.float()
         loss_all = dec.task_loss_prediction_head(hidden).float()  # (B, S, K)
         loss_pred = loss_all[b_idx[:, None], after_row, after_head]
@@ -1086,16 +1099,22 @@ class AutoGazePolicy(nn.Module):
             out["logits"] = logits.masked_fill(~valid[..., None], 0.0)
         return TensorDict(out, batch_size=[B, L], device=dev)
 
-    def teacher_forced(self, video: Tensor, action: Tensor, frame_id: Tensor, valid: Tensor) -> TeacherForced:
+    def teacher_forced(
+        self, video: Tensor | None, action: Tensor, frame_id: Tensor, valid: Tensor, *, tokens: Tensor | None = None
+    ) -> TeacherForced:
         """The one teacher-forced decoder pass :meth:`score` and :meth:`multi_token_outputs` share.
 
         Arguments as :meth:`score`. Returns the final hidden states of the whole sequence
         ``[vision_0 (P), steps of frame 0, vision_1 (P), ...]`` and where every step sits in it.
+        Without STOP steps every token is visible, and attention is the plain causal one (no
+        (B, 1, S, S) mask is built, so SDPA may use its fused causal kernels).
         """
         cfg = self.config
         STOP, P, H = cfg.stop_id, cfg.tokens_per_frame, cfg.hidden_size
-        B, T = video.shape[:2]
-        dev = video.device
+        if (video is None) == (tokens is None):
+            raise ValueError("give video or its vision tokens, not both or neither")
+        B, T = (video if tokens is None else tokens).shape[:2]
+        dev = action.device
         valid = valid.bool()
         if action.shape != frame_id.shape or action.shape != valid.shape or action.shape[0] != B:
             raise ValueError(
@@ -1117,7 +1136,10 @@ class AutoGazePolicy(nn.Module):
         seq_len = int((T * P + per_frame.sum(1)).max())
         vis_pos = torch.arange(T, device=dev)[:, None] * P + torch.arange(P, device=dev) + before[:, :, None]  # (B,T,P)
 
-        tokens, _ = self.encode(video)  # (B, T, P, H)
+        if tokens is None:
+            tokens, _ = self.encode(video)  # (B, T, P, H)
+        elif tokens.shape[0] != B or tokens.shape[2:] != (P, H):
+            raise ValueError(f"tokens must be (B={B}, T, {P}, {H}), got {tuple(tokens.shape)}")
         b_idx = torch.arange(B, device=dev)
         embeds = torch.zeros(B, seq_len, H, dtype=tokens.dtype, device=dev)
         embeds = embeds.index_put((b_idx[:, None, None].expand_as(vis_pos), vis_pos), tokens)
@@ -1128,8 +1150,10 @@ class AutoGazePolicy(nn.Module):
         visible[b_idx[:, None, None].expand_as(vis_pos), vis_pos] = True
         visible[vb, vpos] = act[valid] != STOP
         positions = (visible.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
-        mask = (visible[:, None, :] & causal)[:, None]  # (B, 1, S, S)
+        mask = None  # every token visible: plain causal attention (padding only follows a clip's tokens)
+        if bool((valid & (act == STOP)).any()):
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
+            mask = (visible[:, None, :] & causal)[:, None]  # (B, 1, S, S)
         hidden = self.gazing_model.gaze_decoder.model(embeds, positions, mask, None)  # (B, S, H)
         return TeacherForced(hidden, pos, rank, act, fid, valid)
 

@@ -204,6 +204,99 @@ def test_gazer__reproduces_official_fixture_on_cuda_with_graphs(name):
             assert torch.equal(official[key].cpu(), expected[f"{prefix}_{key}"]), f"{prefix}_{key}"
 
 
+# ---- sampling in the static engine ----------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_static_generator__sampled_log_probs_are_what_score_gives_back(seed):
+    model = random_model(seed, num_multi_token_pred=(1, 3)[seed % 2], value_head=seed % 2 == 0)
+    B, T = 3, 3
+    video = random_video(seed, B, T)
+    budgets = draw_budgets(seed, B, T, ragged=True)
+    thr = threshold_for(model, video, budgets, seed) if seed >= 2 else None
+    engine = StaticGenerator(model, B, 8, max_frames=T, sample=True)
+    draws = []
+    for _ in range(2):  # the same seed draws the same gazes
+        engine.reset()
+        draws.append(engine.generate(video, budgets, None if thr is None else thr.expand(B, T), temperature=0.7,
+                                     generator=torch.Generator().manual_seed(seed)))
+    ours = draws[0]
+    assert torch.equal(draws[1].ids, ours.ids) and torch.equal(draws[1].emitted, ours.emitted)
+    assert torch.equal(ours.emitted.sum(-1), budgets) or thr is not None
+    traj = ours.to_trajectory()
+    scored = model.score(video, traj["action"], traj["frame_id"], traj["valid"], temperature=0.7)
+    torch.testing.assert_close(traj["log_prob"], scored["log_prob"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traj["loss_pred"], scored["loss_pred"], atol=1e-5, rtol=1e-5)
+    engine.reset()
+    other = engine.generate(video, budgets, temperature=0.7, generator=torch.Generator().manual_seed(seed + 100))
+    assert not torch.equal(other.ids, ours.ids)
+
+
+def test_static_generator__samples_the_distribution_generate_samples():
+    """One step of K = 2 heads on one frame, 3000 clips: the first pick follows softmax(logits /
+    temperature) over the patches, the second the same over what the first left, as generate's."""
+    model = random_model(5, num_multi_token_pred=2)
+    N, B, temp = model.config.num_patches, 3000, 0.8
+    video = random_video(5, 1, 1).expand(B, -1, -1, -1, -1)
+    budgets = torch.full((B, 1), 2)
+    engine = StaticGenerator(model, B, 2, max_frames=1, sample=True)
+    ours = engine.generate(video, budgets, temperature=temp, generator=torch.Generator().manual_seed(0))
+    reference = model.generate(
+        video, frame_budgets=budgets, temperature=temp, generator=torch.Generator().manual_seed(0)
+    )
+    logits = model.generate(video[:1], frame_budgets=budgets[:1], return_logits=True).logits[0, 0, :, :N]  # (2, N)
+    p1 = torch.softmax(logits[0].double() / temp, 0)  # (N,)
+    second = (logits[1].double() / temp).expand(N, N).clone()  # row a: head 1 after head 0 took a
+    second.diagonal().fill_(float("-inf"))
+    p2 = p1 @ torch.softmax(second, 1)  # (N,)
+    for gazes in (ours, reference):
+        for head, p in ((0, p1), (1, p2)):
+            freq = torch.bincount(gazes.ids[:, 0, head], minlength=N).double() / B
+            assert 0.5 * (freq - p).abs().sum() < 0.05, (head, 0.5 * (freq - p).abs().sum())
+    assert bool((ours.ids[:, 0, 0] != ours.ids[:, 0, 1]).all())
+    with pytest.raises(ValueError, match="temperature > 0"):
+        engine.generate(video, budgets, temperature=0.0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="greedy"):
+        StaticGenerator(model, B, 2, max_frames=1).generate(video, budgets, temperature=1.0)
+
+
+def test_static_generator__vision_tokens_instead_of_video_give_the_same_gazes():
+    model = random_model(2, num_multi_token_pred=3)
+    video = random_video(2, 2, 3)
+    budgets = draw_budgets(2, 2, 3, ragged=True)
+    engine = StaticGenerator(model, 2, 8, max_frames=3)
+    from_video = engine.generate(video, budgets)
+    engine.reset()
+    tokens, _ = model.encode(video)
+    from_tokens = engine.generate(None, budgets, tokens=tokens)
+    assert torch.equal(from_tokens.ids, from_video.ids)
+    with pytest.raises(ValueError, match="reset"):
+        engine.generate(None, budgets, tokens=tokens)
+    engine.reset()
+    engine.generate(None, budgets[:, :1], tokens=tokens[:, :1])
+    with pytest.raises(ValueError, match="conv cache"):
+        engine.generate(video[:, 1:], budgets[:, 1:])
+
+
+@pytest.mark.gpu
+def test_static_generator__sampling_graphs_draw_what_the_eager_engine_draws():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = random_model(7, num_multi_token_pred=3).cuda()
+    video = random_video(7, 4, 4).cuda()
+    budgets = draw_budgets(7, 4, 4, ragged=True).cuda()
+    runs = []
+    for graph in (False, True):
+        engine = StaticGenerator(model, 4, 8, max_frames=4, sample=True, cuda_graph=graph)
+        for seed in (0, 1):  # graphs replay new draws and temperatures
+            engine.reset()
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            runs.append(engine.generate(video, budgets, temperature=0.5 + seed, generator=g))
+    assert torch.equal(runs[0].ids, runs[2].ids) and torch.equal(runs[1].ids, runs[3].ids)
+    assert not torch.equal(runs[0].ids, runs[1].ids)
+    traj = runs[3].to_trajectory()
+    scored = model.score(video, traj["action"], traj["frame_id"], traj["valid"], temperature=1.5)
+    torch.testing.assert_close(traj["log_prob"], scored["log_prob"], atol=1e-4, rtol=1e-4)
+
+
 def test_static_generator__rejects_what_does_not_fit():
     model = random_model(0)
     engine = StaticGenerator(model, 2, 4, max_frames=2)

@@ -22,9 +22,10 @@ from agents.grpo import (
     grpo_update,
     loss_prediction_loss,
     policy_gradient_loss,
+    score_rollouts,
 )
 from agents.policy import AutoGazePolicy, preprocess
-from agents.rollout import rollout
+from agents.rollout import RolloutEngine, rollout
 from gaze_env.builder import build
 from gaze_env.config import budget_for_ratio
 from gaze_env.video import moving_object_clip
@@ -271,6 +272,69 @@ def test_grpo_step__reports_losses_diagnostics_and_timings(tiny):
         GRPOConfig(epochs=2)
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
+
+
+def test_score_rollouts__one_encoding_per_clip_gives_the_per_rollout_scores_and_gradients(tiny):
+    _, policy0, _ = tiny
+    _, batch = _fixed_batch(tiny, seed=2)
+    assert batch["clip"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    grads = []
+    for shared in (False, True):
+        policy = deepcopy(policy0)
+        td = batch if shared else batch.exclude("clip")
+        part = td[torch.tensor([5, 0, 6, 1])]  # a micro-batch: clips interleaved, not in order
+        out = score_rollouts(policy, part, 1.0)
+        (out["log_prob"].sum() + out["loss_pred"].sum()).backward()
+        grads.append((out, torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])))
+    (plain, g_plain), (shared, g_shared) = grads
+    for key in ("log_prob", "loss_pred", "entropy"):
+        torch.testing.assert_close(shared[key], plain[key], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_shared, g_plain, atol=1e-4, rtol=1e-4)
+
+
+def test_grpo_loss__under_bf16_autocast_is_the_float32_loss_up_to_rounding(tiny):
+    policy = deepcopy(tiny[1])
+    cfg, batch = _fixed_batch(tiny, seed=3)
+    full = grpo_loss(policy, batch, cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what --amp does on CUDA
+        half = grpo_loss(policy, batch, cfg)
+    (half["loss_objective"] + half["loss_pred"]).backward()
+    assert half["ratio"].item() == pytest.approx(1.0, abs=0.02)
+    assert half["loss_pred"].item() == pytest.approx(full["loss_pred"].item(), rel=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_discounted_returns__blocks_equal_the_step_by_step_recursion():
+    g = torch.Generator().manual_seed(0)
+    for L, gamma in ((1, 0.9), (31, 0.995), (64, 1.0), (417, 0.995)):
+        reward = torch.randn(4, L, generator=g)
+        valid = torch.rand(4, L, generator=g) < 0.9  # gaps end runs, as the recursion's reset does
+        valid[1, L // 2 :] = False
+        expected = torch.zeros(4, L, dtype=torch.float64)
+        running = torch.zeros(4, dtype=torch.float64)
+        for l in range(L - 1, -1, -1):
+            running = torch.where(valid[:, l], reward[:, l].double() + gamma * running, 0.0)
+            expected[:, l] = running
+        for chunk in (1, 5, 32):
+            torch.testing.assert_close(discounted_returns(reward, valid, gamma, chunk).double(), expected,
+                                       atol=2e-6, rtol=1e-6)
+
+
+def test_grpo_step__static_engine_rollouts_train_like_the_reference(tiny):
+    built, policy0, video = tiny
+    cfg = GRPOConfig(group_size=3, budgets=GroupBudgets(mode="threshold", task_loss_requirement=0.0, max_ratio=0.1))
+    engine = RolloutEngine("static")
+    policy = deepcopy(policy0)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    counts = group_budgets(policy, built.params, video, cfg.budgets, engine=engine)
+    assert torch.equal(counts, group_budgets(policy, built.params, video, cfg.budgets))  # greedy: same counts
+    for _ in range(2):  # the engines are kept and reused
+        out = grpo_step(policy, opt, built.params, built.reward, video, cfg, temperature=1.0, generator=g,
+                        engine=engine)
+        assert torch.isfinite(out["loss_objective"]) and out["ratio"].item() == pytest.approx(1.0, abs=1e-4)
+    # greedy engines for the threshold counts, sampling ones per power-of-two gaze cap
+    assert {key[-1] for key in engine._engines} == {False, True} and len(engine._engines) <= 4
 
 
 # ---- learning -----------------------------------------------------------------------------------
