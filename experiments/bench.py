@@ -8,15 +8,22 @@ Front-ends (``--modes``):
   CUDA, numpy on CPU (``--numpy`` forces numpy);
 - ``torchrl``: ``AutoGazeTorchEnv`` stepped with ``step_and_maybe_reset`` as collectors do.
 
+The batched front-ends run ``--step-mode`` (``gaze_env.graph``): ``auto`` (their default: CUDA
+graphs of the fixed-shape step on CUDA, eager elsewhere), ``eager``, ``static`` or ``graph``; each
+result records the mode that ran and whether its graphs were captured. The first step of a graph
+mode captures the graphs: keep ``--warmup`` >= 1 so that the capture is not timed.
+
 Every step draws a uniformly random valid action per env from its ``action_mask`` (on the env's
 device); that draw is NOT counted: the clock (synchronised on CUDA) covers the env's step alone,
 including the reward, automatic resets and building the observation. Clips are random uint8
 tensors kept on the device (so no decoding or host-to-device copies are timed).
 
 Reported per run: env steps/s (one step = one action of one env: a gaze or a STOP), memory per env
-on CUDA (peak allocated during the run over B), and an estimate of the bytes a step must move (the
-gazed square read and written, the observation's frame and canvas copies, the frame-end work
-spread over the frame's steps) against the card's memory bandwidth.
+on CUDA (peak allocated during the run over B), the fraction of env steps that ended a frame (the
+frame-end work is most of a step's bytes: a short run from synchronised starts may see none), and
+a lower bound of the bytes a step must move (``bytes_per_step``) against the card's memory
+bandwidth. ``--profile K`` also records, from ``torch.profiler`` over K more steps, the kernels and
+host syncs per step and where the GPU time goes.
 
 Writes a JSON file (``--out``) and adds or replaces this configuration's table in
 ``docs/benchmarks.md`` (``--markdown``). Example::
@@ -46,6 +53,7 @@ import torch
 
 from gaze_env import ENV_ID
 from gaze_env.config import GazeEnvConfig, get_preset
+from gaze_env.graph import STEP_MODES
 from gaze_env.patches import PatchGrid
 from gaze_env.torchrl_env import AutoGazeTorchEnv
 from rewards.reconstruct import PasteReconstructor
@@ -81,6 +89,10 @@ class Result:
     bytes_per_step: float
     achieved_gbs: float
     bandwidth_fraction: float | None
+    step_mode: str = "eager"
+    graphs: bool = False
+    frame_end_fraction: float | None = None
+    profile: dict | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,64,1024,4096", help="comma-separated numbers of parallel envs B")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated front-ends: {', '.join(MODES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the env state")
-    p.add_argument("--kernel", default="torch", choices=("torch", "cupy"), help="paste + reward update on CUDA")
+    p.add_argument("--kernel", default="torch", choices=("torch", "cupy"), help="eager paste + reward update on CUDA")
+    p.add_argument("--step-mode", default="auto", choices=STEP_MODES, help="step mode of the batched front-ends")
+    p.add_argument("--profile", type=int, default=0, help="profile this many more steps of each run (0: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--clips", type=int, default=32, help="random clips in the pool the envs draw from")
@@ -140,19 +154,21 @@ def card_bandwidth(card: str) -> float | None:
     return None
 
 
-def bytes_per_step(grid: PatchGrid, budget: int) -> float:
-    """Bytes one env step must at least move on average (uniformly random gazes).
+def bytes_per_step(grid: PatchGrid, budget: int, fresh_obs: bool = True) -> float:
+    """A lower bound of the bytes one env step moves on average (uniformly random gazes).
 
     Gaze: the square of the gazed patch (mean area sum_k g_k^2 R_k^2 / N pixels) reads canvas,
     scale view and target (3 B/px each) and the level map (1 B/px) and writes canvas and level.
-    Observation: the frame is gathered and the canvas copied (read + write, 3 B/px each), plus
-    the gazed / action_mask bytes. Frame end, once per ``budget`` steps: the next frame read and
-    its k scale views written, the carried canvas rescored (frame and canvas read).
+    Observation: the gazed / action_mask bytes; with ``fresh_obs`` (front-ends that hand out new
+    tensors every step: gym, sync, torchrl, the eager vector env) also the frame gathered and the
+    canvas copied (read + write, 3 B/px each); the graph vector env keeps both in buffers updated
+    where they change. Frame end, once per ``budget`` steps: the next frame read and its k scale
+    views written, the carried canvas rescored (frame and canvas read).
     """
     H, N, k = grid.frame_size, grid.num_patches, grid.num_scales
     area = sum(g * g * r * r for g, r in zip(grid.grid_sizes, grid.region_sizes)) / N
     gaze = (3 + 3 + 3 + 1 + 3 + 1) * area
-    observation = 4 * 3 * H * H + 2 * (2 * N + 1)
+    observation = 2 * (2 * N + 1) + (4 * 3 * H * H if fresh_obs else 0)
     frame_end = (3 * H * H * (1 + k) + 2 * 3 * H * H) / budget
     return gaze + observation + frame_end
 
@@ -199,58 +215,144 @@ def _env_kwargs(preset: str, pool: torch.Tensor, args: argparse.Namespace) -> di
     }
 
 
-def run_one(mode: str, preset: str, B: int, pool: torch.Tensor, args: argparse.Namespace) -> list[float]:
-    """Seconds inside the env of each timed step of one front-end at batch size B."""
+@dataclass
+class RunStats:
+    """What one front-end run measured."""
+
+    seconds: list[float]  # inside the env, per timed step
+    step_mode: str  # the mode that ran ("eager" for gym / sync)
+    graphs: bool  # CUDA graphs were captured and replayed
+    frame_changes: int  # env steps after which the observed frame index differed (timed steps)
+    profile: dict | None
+
+
+def profile_summary(prof: torch.profiler.profile, steps: int) -> dict:
+    """Per-step kernel count, GPU time and host-side CUDA calls of a ``torch.profiler`` run, and
+    the GPU time's top kernels. Includes the (untimed) random action draw, a few kernels."""
+    kernels, runtime = [], {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((e.key, e.count, e.self_device_time_total))
+        elif e.key.startswith("cuda") or e.key.startswith("cu"):
+            runtime[e.key] = e.count / steps
+    kernels.sort(key=lambda k: -k[2])
+    device_us = sum(k[2] for k in kernels)
+    return {
+        "steps": steps,
+        "kernels_per_step": sum(k[1] for k in kernels) / steps,
+        "gpu_ms_per_step": device_us / steps / 1e3,
+        "runtime_calls_per_step": dict(sorted(runtime.items(), key=lambda kv: -kv[1])[:8]),
+        "top_kernels": [
+            {"name": name[:90], "per_step": count / steps, "ms_per_step": us / steps / 1e3, "share": us / device_us}
+            for name, count, us in kernels[:10]
+        ]
+        if device_us
+        else [],
+    }
+
+
+def run_one(mode: str, preset: str, B: int, pool: torch.Tensor, args: argparse.Namespace) -> RunStats:
+    """Time the steps of one front-end at batch size B (then profile ``args.profile`` more)."""
     device = torch.device(args.device)
     gen = torch.Generator(device=device if mode in ("vector", "torchrl") else "cpu").manual_seed(args.seed)
     kwargs = _env_kwargs(preset, pool, args)
-    total = args.warmup + args.steps
+    batched = {"step_mode": args.step_mode} if mode in ("vector", "torchrl") else {}
     seconds: list[float] = []
+    changes = [0]
 
-    def timed(i: int, fn: Callable):
+    def timed(i: int, fn: Callable, before):
         _sync(device)
         t0 = time.perf_counter()
-        out = fn()
+        out, after = fn()
         _sync(device)
         if i >= args.warmup:
             seconds.append(time.perf_counter() - t0)
+            changes[0] += int(np.count_nonzero(np.asarray(torch.as_tensor(after).cpu()) != before))
         return out
 
     if mode == "gym":
         env = gym.make(ENV_ID, device=device, disable_env_checker=True, **kwargs).unwrapped
         rng = np.random.default_rng(args.seed)
         obs, _ = env.reset(seed=args.seed)
-        for i in range(total):
+
+        def one(i: int) -> None:
+            nonlocal obs
             action = int(rng.choice(np.flatnonzero(obs["action_mask"])))
 
-            def step(action=action):
-                obs, _, terminated, _, _ = env.step(action)
-                return env.reset()[0] if terminated else obs
+            def step():
+                out, _, terminated, _, _ = env.step(action)
+                out = env.reset()[0] if terminated else out
+                return out, out["frame_index"]
 
-            obs = timed(i, step)
+            obs = timed(i, step, np.asarray(obs["frame_index"]))
     elif mode == "sync":
         env = gym.make_vec(
             ENV_ID, num_envs=B, vectorization_mode="sync", wrappers=[_PadFrameLoss], device=device, **kwargs
         )
         obs, _ = env.reset(seed=args.seed)
-        for i in range(total):
+
+        def one(i: int) -> None:
+            nonlocal obs
             action = _random_actions(torch.from_numpy(obs["action_mask"]), gen).numpy()
-            obs = timed(i, lambda action=action: env.step(action)[0])
+
+            def step():
+                out = env.step(action)[0]
+                return out, out["frame_index"]
+
+            obs = timed(i, step, obs["frame_index"].copy())
     elif mode == "vector":
         return_tensors = device.type == "cuda" and not args.numpy
-        env = gym.make_vec(ENV_ID, num_envs=B, device=device, return_tensors=return_tensors, **kwargs)
+        env = gym.make_vec(ENV_ID, num_envs=B, device=device, return_tensors=return_tensors, **kwargs, **batched)
         obs, _ = env.reset(seed=args.seed)
-        for i in range(total):
+
+        def one(i: int) -> None:
+            nonlocal obs
             action = _random_actions(torch.as_tensor(obs["action_mask"], device=device), gen)
-            obs = timed(i, lambda action=action: env.step(action)[0])
+            before = np.asarray(torch.as_tensor(obs["frame_index"]).cpu()).copy()  # buffers are reused
+
+            def step():
+                out = env.step(action)[0]
+                return out, out["frame_index"]
+
+            obs = timed(i, step, before)
     else:
-        env = AutoGazeTorchEnv(B, device=device, **kwargs)
+        env = AutoGazeTorchEnv(B, device=device, **kwargs, **batched)
         env.set_seed(args.seed)
         td = env.reset()
-        for i in range(total):
+
+        def one(i: int) -> None:
+            nonlocal td
             td["action"] = _random_actions(td["action_mask"], gen)
-            td = timed(i, lambda td=td: env.step_and_maybe_reset(td)[1])
-    return seconds
+            before = td["frame_index"].cpu().numpy().copy()
+
+            def step():
+                out = env.step_and_maybe_reset(td)[1]
+                return out, out["frame_index"]
+
+            td = timed(i, step, before)
+
+    for i in range(args.warmup + args.steps):
+        one(i)
+    profile = None
+    if args.profile > 0:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        _sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profile):
+                one(-1)
+            _sync(device)
+        profile = profile_summary(prof, args.profile)
+    unwrapped = getattr(env, "unwrapped", env)
+    runner = getattr(unwrapped, "_runner", None)
+    return RunStats(
+        seconds=seconds,
+        step_mode=getattr(unwrapped, "step_mode", "eager"),
+        graphs=bool(runner is not None and runner.captured),
+        frame_changes=changes[0],
+        profile=profile,
+    )
 
 
 def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
@@ -263,6 +365,7 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "card": card,
         "device": args.device,
         "kernel": args.kernel,
+        "step_mode": args.step_mode,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth,
@@ -281,7 +384,6 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
     for preset in args.preset_list:
         p = get_preset(preset)
         cfg = GazeEnvConfig(grid=p.grid, num_frames=p.num_frames, gazing_ratio=args.gazing_ratio)
-        moved = bytes_per_step(p.grid, cfg.budgets[0])
         gen = torch.Generator().manual_seed(args.seed)
         shape = (args.clips, p.num_frames, 3, p.frame_size, p.frame_size)
         pool = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
@@ -293,11 +395,16 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
                     torch.cuda.empty_cache()
                     base = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                seconds = run_one(mode, preset, B, pool, args)
+                stats = run_one(mode, preset, B, pool, args)
+                seconds = stats.seconds
                 mem = None
                 if device.type == "cuda":
                     mem = (torch.cuda.max_memory_allocated(device) - base) / B / 2**20
                 rate = B * len(seconds) / sum(seconds)
+                # the vector env returning tensors from the static / graph step hands out reused
+                # observation buffers; every other front-end fresh tensors or arrays
+                reused = mode == "vector" and stats.step_mode != "eager" and device.type == "cuda" and not args.numpy
+                moved = bytes_per_step(p.grid, cfg.budgets[0], fresh_obs=not reused)
                 achieved = rate * moved / 1e9
                 r = Result(
                     preset=preset,
@@ -311,9 +418,15 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
                     bytes_per_step=moved,
                     achieved_gbs=achieved,
                     bandwidth_fraction=achieved / bandwidth if bandwidth else None,
+                    step_mode=stats.step_mode,
+                    graphs=stats.graphs,
+                    frame_end_fraction=stats.frame_changes / (B * len(seconds)),
+                    profile=stats.profile,
                 )
                 results.append(r)
                 print(_row(r), flush=True)
+                if r.profile is not None:
+                    print(_profile_line(r), flush=True)
         del pool
     meta["load_after"] = _load()
     return results, meta
@@ -326,20 +439,34 @@ def _load() -> float | None:
 
 # ---- reports -------------------------------------------------------------------------------
 HEADER = (
-    "| preset | front-end | B | env steps/s | ms / step | median ms | MiB / env | est. KB / step | est. GB/s "
-    "| % of bandwidth |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| preset | front-end | step | B | env steps/s | ms / step | median ms | frame ends % | MiB / env "
+    "| est. KB / step | est. GB/s | % of bandwidth |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def _row(r: Result) -> str:
     mem = f"{r.mem_per_env_mb:.2f}" if r.mem_per_env_mb is not None else "-"
     frac = f"{100 * r.bandwidth_fraction:.2f}" if r.bandwidth_fraction is not None else "-"
+    ends = f"{100 * r.frame_end_fraction:.1f}" if r.frame_end_fraction is not None else "-"
+    step = r.step_mode + (" (graphs)" if r.graphs else "")
     ms = 1e3 * r.env_seconds / r.steps
     return (
-        f"| {r.preset} | {r.mode} | {r.batch_size} | {r.steps_per_s:,.0f} | {ms:.2f} | {r.median_step_ms:.2f} | "
-        f"{mem} | {r.bytes_per_step / 1e3:.1f} | {r.achieved_gbs:.3f} | {frac} |"
+        f"| {r.preset} | {r.mode} | {step} | {r.batch_size} | {r.steps_per_s:,.0f} | {ms:.2f} | "
+        f"{r.median_step_ms:.2f} | {ends} | {mem} | {r.bytes_per_step / 1e3:.1f} | {r.achieved_gbs:.3f} | {frac} |"
     )
+
+
+def _profile_line(r: Result) -> str:
+    """One line of ``--profile`` numbers: kernels and GPU time per step, the top kernel."""
+    p = r.profile
+    top = p["top_kernels"][0] if p["top_kernels"] else None
+    calls = ", ".join(f"{k} {v:.1f}" for k, v in list(p["runtime_calls_per_step"].items())[:4])
+    head = f"  profile {r.preset}/{r.mode}/B={r.batch_size}: {p['kernels_per_step']:.0f} kernels, "
+    head += f"{p['gpu_ms_per_step']:.3f} GPU ms per step; calls per step: {calls}"
+    if top:
+        head += f"; top kernel {top['name'][:50]!r} {100 * top['share']:.0f}%"
+    return head
 
 
 def _fmt(x: float | None) -> str:
@@ -348,11 +475,13 @@ def _fmt(x: float | None) -> str:
 
 def markdown_section(results: list[Result], meta: dict) -> tuple[str, str]:
     """(key, Markdown section) of one configuration; a rerun of the same key replaces it."""
-    key = re.sub(r"[^a-z0-9]+", "-", f"{meta['card']}-{meta['device']}-{meta['kernel']}-t{meta['threads']}".lower())
+    name = f"{meta['card']}-{meta['device']}-{meta['kernel']}-t{meta['threads']}-{meta['step_mode']}"
+    key = re.sub(r"[^a-z0-9]+", "-", name.lower())
     bw = f", bandwidth {meta['bandwidth_gbs']:.0f} GB/s" if meta["bandwidth_gbs"] else ""
     lines = [
         f"<!-- bench:{key} -->",
-        f"### {meta['card']} ({meta['device']}, kernel {meta['kernel']}, torch CPU threads {meta['threads']}{bw})",
+        f"### {meta['card']} ({meta['device']}, step mode {meta['step_mode']}, kernel {meta['kernel']}, "
+        f"torch CPU threads {meta['threads']}{bw})",
         "",
         f"torch {meta['torch']}, Python {meta['python']}, {meta['date']}, load average "
         f"{_fmt(meta['load_before'])} before / {_fmt(meta['load_after'])} after: `{meta['command']}`",
@@ -366,8 +495,8 @@ def markdown_section(results: list[Result], meta: dict) -> tuple[str, str]:
 
 MARKDOWN_INTRO = """# Environment benchmarks
 
-Written by `python -m experiments.bench` (see `--help`); each configuration (card, device, kernel,
-threads) has one table, replaced when the bench runs again with it.
+Written by `python -m experiments.bench` (see `--help`); each configuration (card, device, step
+mode, kernel, threads) has one table, replaced when the bench runs again with it.
 
 - *env steps/s*: actions (gazes or STOPs) applied per second over all B envs, rewards, automatic
   resets and observations included (*ms / step* is its mean, *median ms* is robust to a shared
@@ -375,10 +504,14 @@ threads) has one table, replaced when the bench runs again with it.
   `action_mask` and are not timed. `gym` is one `AutoGazeEnv` (B = 1); `sync` is Gymnasium's
   `SyncVectorEnv` over B `AutoGazeEnv`; `vector` is `AutoGazeVectorEnv`; `torchrl` is
   `AutoGazeTorchEnv` stepped with `step_and_maybe_reset`.
+- *step*: the batched front-ends' step mode (`eager`, `static`, `graph`; "(graphs)" when CUDA
+  graphs were captured and replayed), see `gaze_env.graph`.
+- *frame ends %*: timed env steps after which the frame index changed (a frame or an episode
+  ended); the frame-end work is most of the bytes, so runs that saw none are not representative.
 - *MiB / env*: peak CUDA memory allocated during the run over B (CUDA only).
 - *est. KB / step*, *est. GB/s*: the bytes a step must move at least (gazed square, observation
-  copies, frame-end work spread over the frame), times the step rate; *% of bandwidth* compares
-  that with the card's peak (`--bandwidth-gbs`).
+  copies where the front-end hands out fresh tensors, frame-end work spread over the frame), times
+  the step rate; *% of bandwidth* compares that with the card's peak (`--bandwidth-gbs`).
 """
 
 

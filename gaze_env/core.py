@@ -4,10 +4,17 @@ Pure-ish torch functions, batch-first and device-agnostic: ``reset`` builds the 
 episodes, ``step`` applies ``B`` actions in place and returns the ``Transition``, ``action_mask``
 and ``observe`` read the state. The Gymnasium, vector and TorchRL environments are thin
 front-ends over these functions; nothing here loops over the batch in Python.
+
+``step`` is the reference: its shapes follow the data (the rows that gazed at each scale, the rows
+whose frame ended), which costs host syncs. ``StaticStep`` is the same transition with fixed shapes
+and no host sync, so that it can be captured as a CUDA graph (``gaze_env.graph``); tests prove the
+two equal.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,19 +40,23 @@ class CoreParams:
 
 
 # ---- scoring ---------------------------------------------------------------------------------
+def _pixel_scores(params: CoreParams, target: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, 3, H, W) uint8 frames and reconstructions -> summed pixel error (M,) float64 and loss
+    (M,) float32 of a pixel loss (one with ``pixel_error`` and ``reduce``)."""
+    target, recon = target.float().div_(255), recon.float().div_(255)
+    err = params.loss.pixel_error(target, recon).flatten(1).double().sum(1)  # float64: batch-size invariant
+    return err, params.loss.reduce(err / target[0].numel()).float()
+
+
 def _score_rows(params: CoreParams, state: GazeState, rows: torch.Tensor) -> None:
     """Recompute ``loss`` (and ``err_sum``) of rows ``rows`` (int64 (M,)) from scratch."""
     if rows.numel() == 0:
         return
-    target = state.video[rows, state.frame_t[rows]].float().div_(255)  # (M, 3, H, W)
-    recon = state.canvas[rows].float().div_(255)  # (M, 3, H, W)
-    pixel_error = getattr(params.loss, "pixel_error", None)
-    if pixel_error is not None:
-        err = pixel_error(target, recon).flatten(1).double().sum(1)  # (M,) summed in float64: batch-size invariant
-        state.err_sum[rows] = err
-        state.loss[rows] = params.loss.reduce(err / target[0].numel()).float()
+    target = state.video[rows, state.frame_t[rows]]  # (M, 3, H, W) uint8
+    if getattr(params.loss, "pixel_error", None) is not None:
+        state.err_sum[rows], state.loss[rows] = _pixel_scores(params, target, state.canvas[rows])
     else:
-        state.loss[rows] = params.loss(target, recon).float()
+        state.loss[rows] = params.loss(target.float().div_(255), state.canvas[rows].float().div_(255)).float()
 
 
 def _all_rows(state: GazeState) -> torch.Tensor:
@@ -111,6 +122,38 @@ def reset(
     return state
 
 
+RESET_CHUNK_ROWS = 256
+"""Rows ``reset_rows`` starts at a time: bounds the memory of the new rows' temporary state."""
+
+
+def reset_rows(
+    params: CoreParams,
+    state: GazeState,
+    rows: torch.Tensor,
+    clips: Callable[[int, int], torch.Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    budgets: torch.Tensor | None = None,
+    chunk_rows: int = RESET_CHUNK_ROWS,
+) -> None:
+    """Start new episodes in rows ``rows`` (int64 (M,)) of ``state``, in place: the other rows and
+    every tensor's storage stay (a CUDA graph captured on ``state`` stays valid).
+
+    Rows are started ``chunk_rows`` at a time, so that resetting all of a large batch needs the
+    memory of one chunk, not of a second state.
+
+    Args:
+        clips: ``clips(lo, hi)`` -> the uint8 clips (hi - lo, T, 3, H, W) of ``rows[lo:hi]``.
+        generator, budgets: as for ``reset``; ``budgets`` (T,) for every row or (M, T) per row.
+    """
+    M = rows.numel()
+    for lo in range(0, M, chunk_rows):
+        hi = min(M, lo + chunk_rows)
+        part = budgets[lo:hi] if budgets is not None and budgets.ndim == 2 else budgets
+        new = reset(params, clips(lo, hi).to(state.device), generator=generator, budgets=part)
+        state.assign(rows[lo:hi], new)
+
+
 # ---- masks and validation --------------------------------------------------------------------
 def action_mask(params: CoreParams, state: GazeState) -> torch.Tensor:
     """(B, N + 1) bool: valid actions (ungazed patches of the current frame; STOP once the frame
@@ -121,13 +164,21 @@ def action_mask(params: CoreParams, state: GazeState) -> torch.Tensor:
     return torch.cat([patches, stop[:, None]], dim=1)
 
 
+def valid_actions(params: CoreParams, state: GazeState, action: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: each row's action is valid. Episodes that ended accept (and ignore) any in-range
+    action, so ragged batches can run on."""
+    N = params.config.grid.num_patches
+    in_range = (action >= 0) & (action <= N)
+    ok = action_mask(params, state).gather(1, action.clamp(0, N)[:, None])[:, 0]
+    return (ok | state.done) & in_range
+
+
 def invalid_action_message(params: CoreParams, state: GazeState, action: torch.Tensor) -> str | None:
     """Why the first invalid action of the batch is invalid, or None when all are valid.
     Episodes that ended accept (and ignore) any in-range action, so ragged batches can run on."""
     N = params.config.grid.num_patches
     bad_range = (action < 0) | (action > N)
-    ok = action_mask(params, state).gather(1, action.clamp(0, N)[:, None])[:, 0] & ~bad_range
-    ok |= state.done & ~bad_range  # ended episodes ignore their action
+    ok = valid_actions(params, state, action)
     if bool(ok.all()):
         return None
     i = int((~ok).nonzero()[0, 0])
@@ -214,12 +265,193 @@ def step(params: CoreParams, state: GazeState, action: torch.Tensor, *, validate
     )
 
 
+# ---- the static step: fixed shapes, no host syncs --------------------------------------------
+def static_step_unsupported(params: CoreParams) -> str | None:
+    """Why ``StaticStep`` cannot run with these parameters, or None when it can."""
+    recon = params.reconstructor
+    if getattr(recon, "end_frame", None) is not None:
+        return f"the reconstructor {type(recon).__name__} scores frame ends itself (end_frame)"
+    for method in ("gaze_static", "begin_frame_static"):
+        if not callable(getattr(recon, method, None)):
+            return f"the reconstructor {type(recon).__name__} has no {method}() (PasteReconstructor has)"
+    if getattr(params.loss, "pixel_error", None) is None or getattr(params.loss, "reduce", None) is None:
+        name = getattr(params.loss, "name", getattr(params.loss, "__name__", type(params.loss).__name__))
+        return (
+            f"the loss {name!r} is not a per-pixel loss (pixel_error / reduce, as l1, mse, psnr): "
+            "it would be recomputed over every frame at every gaze"
+        )
+    return None
+
+
+def frame_end_capacity(config: GazeEnvConfig, batch_size: int) -> int:
+    """Default rows per ``StaticStep.frame_ends`` call: twice the rows expected to end a frame per
+    step once episodes drift apart (``B / budget``), at least 8, at most ``B``. More rows than that
+    (episodes ending frames in lockstep) take more calls."""
+    return max(1, min(batch_size, max(8, math.ceil(2 * batch_size / min(config.budgets)))))
+
+
+class StaticStep:
+    """``step`` with fixed shapes and no host sync, over persistent tensors: CUDA-graph capturable.
+
+    The same transitions and states as ``step`` (the tests compare them on every field), computed
+    without reading anything back to the host, so that ``run`` and ``frame_ends`` can each be
+    captured once as a CUDA graph and replayed every step (``gaze_env.graph``):
+
+    - ``run()`` reads the actions from ``action`` (B,) int64, updates ``state`` in place and writes
+      the transition into the persistent tensors of ``transition``. The paste and the incremental
+      loss use the reconstructor's ``gaze_static`` (every row, masked).
+    - Validation cannot raise inside a graph. With ``validate``, a batch holding an invalid action
+      changes nothing (every row acts as ended) and ``flags[0]`` is 0: the caller then raises with
+      ``invalid_action_message`` on the untouched state.
+    - The frame-end work (the new frame's scale views, rescoring the carried canvas) is for the rows
+      that moved to a new frame, a data-dependent set: ``run()`` orders those rows first in ``order``
+      and counts them in ``flags[1]``; ``frame_ends()`` does the work for the ``capacity`` moved rows
+      from ``offset`` on (the other rows of its fixed-size slice write back what they read). The
+      caller runs it ``ceil(flags[1] / capacity)`` times with ``offset = 0, capacity, ...``.
+    - ``flags[2]`` counts the episodes that terminated.
+
+    Args:
+        state: the batch it steps (its tensors are read and written in place, never replaced).
+        validate: gate the step on every action being valid (see above).
+        capacity: rows per ``frame_ends`` call (default ``frame_end_capacity``).
+        frame_out, canvas_out: optional (B, 3, H, W) uint8 observation buffers kept equal to the
+            current frame and to the canvas (written only where they change).
+    """
+
+    def __init__(
+        self,
+        params: CoreParams,
+        state: GazeState,
+        *,
+        validate: bool = True,
+        capacity: int | None = None,
+        frame_out: torch.Tensor | None = None,
+        canvas_out: torch.Tensor | None = None,
+    ) -> None:
+        reason = static_step_unsupported(params)
+        if reason is not None:
+            raise ValueError(f"the static step cannot run here: {reason}")
+        B, device = state.batch_size, state.device
+        C = frame_end_capacity(params.config, B) if capacity is None else int(capacity)
+        if not 1 <= C <= B:
+            raise ValueError(f"capacity must lie in [1, B={B}], got {C}")
+        self.params, self.state, self.validate, self.capacity = params, state, bool(validate), C
+        self.frame_out, self.canvas_out = frame_out, canvas_out
+        self.action = torch.full((B,), params.config.grid.num_patches, dtype=torch.int64, device=device)  # input
+        self.flags = torch.zeros(3, dtype=torch.int64, device=device)  # all valid, rows moved, rows terminated
+        self.order = torch.arange(B, device=device)  # (B,) moved rows first
+        self.offset = torch.zeros((), dtype=torch.int64, device=device)  # input of frame_ends
+        self._rows = torch.arange(B, device=device)
+        self._slots = torch.arange(C, device=device)
+        self._delta = torch.zeros(B, dtype=torch.float64, device=device)
+        flag = lambda: torch.zeros(B, dtype=torch.bool, device=device)  # noqa: E731
+        real = lambda: torch.zeros(B, dtype=torch.float32, device=device)  # noqa: E731
+        self.transition = Transition(
+            action=self.action,
+            is_gaze=flag(),
+            frame_index=torch.zeros(B, dtype=torch.int64, device=device),
+            loss_before=real(),
+            loss_after=real(),
+            frame_end=flag(),
+            scored=flag(),
+            next_start_loss=real(),
+            terminated=flag(),
+            state=state,
+        )
+
+    def run(self) -> None:
+        """One step of every row (see the class docstring); the frame-end work is left to
+        ``frame_ends``."""
+        params, state, tr = self.params, self.state, self.transition
+        N, T = params.config.grid.num_patches, params.config.num_frames
+        action, b = self.action, self._rows
+        if self.validate:
+            go = valid_actions(params, state, action).all()  # () bool
+            active = ~state.done & go
+        else:
+            go = torch.ones((), dtype=torch.bool, device=state.device)
+            active = ~state.done
+        t = state.frame_t  # (B,)
+        is_gaze = active & (action < N)
+        tr.loss_before.copy_(state.loss)
+
+        patch = action.clamp(0, N - 1)
+        state.history[b, t, patch] |= is_gaze
+        state.counts[b, t] += is_gaze
+        pixel_error = params.loss.pixel_error
+        delta = params.reconstructor.gaze_static(
+            state, action, is_gaze, pixel_error, canvas_out=self.canvas_out, delta_out=self._delta
+        )
+        state.err_sum += delta
+        numel = state.canvas[0].numel()
+        state.loss.copy_(torch.where(is_gaze, params.loss.reduce(state.err_sum / numel).float(), state.loss))
+        frame_end = active & ((action == N) | (state.counts[b, t] >= state.budgets[b, t]))  # (B,)
+        tr.loss_after.copy_(state.loss)
+        state.steps += active
+
+        state.frame_loss[b, t] = torch.where(frame_end, state.loss, state.frame_loss[b, t])
+        tr.scored.copy_(frame_end & state.reward_frames[b, t])
+        state.t += frame_end
+        terminated = frame_end & (state.t >= T)
+        state.done |= terminated
+        tr.next_start_loss.fill_(float("nan"))
+        tr.is_gaze.copy_(is_gaze)
+        tr.frame_index.copy_(t)
+        tr.frame_end.copy_(frame_end)
+        tr.terminated.copy_(terminated)
+
+        # order the rows that moved to a new frame first (stable), the others after them
+        moved = (frame_end & ~terminated).long()  # (B,)
+        n_moved = moved.sum()
+        position = torch.where(moved.bool(), moved.cumsum(0) - 1, n_moved + (1 - moved).cumsum(0) - 1)
+        self.order.scatter_(0, position, b)
+        self.flags.copy_(torch.stack([go.long(), n_moved, terminated.long().sum()]))
+
+    def frame_ends(self) -> None:
+        """The frame-end work of the moved rows ``order[offset : offset + capacity]`` (those before
+        ``flags[1]``): their new frame's views, the carried canvas rescored, ``frame_start_loss``,
+        ``next_start_loss`` and ``frame_out``."""
+        params, state, tr = self.params, self.state, self.transition
+        B, T = state.batch_size, state.num_frames
+        slots = self.offset + self._slots  # (C,)
+        valid = slots < self.flags[1]  # (C,) bool: a moved row
+        rows = self.order[slots % B]  # (C,) distinct rows (C <= B); past the moved ones, unmoved rows
+        t = state.t[rows].clamp(max=T - 1)  # (C,)
+        frames = state.video[rows, t]  # (C, 3, H, W) uint8
+        params.reconstructor.begin_frame_static(state, rows, valid, frames, frame_out=self.frame_out)
+        err, loss = self._scores(frames, rows)  # (C,) float64, (C,) float32
+        state.err_sum[rows] = torch.where(valid, err, state.err_sum[rows])
+        state.loss[rows] = torch.where(valid, loss, state.loss[rows])
+        state.frame_start_loss[rows, t] = torch.where(valid, loss, state.frame_start_loss[rows, t])
+        tr.next_start_loss[rows] = torch.where(valid, loss, tr.next_start_loss[rows])
+
+    def _scores(self, frames: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_pixel_scores`` of ``frames`` against the canvas of ``rows``; on CUDA one CuPy pass
+        over the uint8 pixels when it applies (l1, mse, psnr)."""
+        params, state = self.params, self.state
+        if state.device.type == "cuda":
+            from rewards import cuda
+
+            mode = cuda.pixel_error_mode(params.loss.pixel_error)
+            if mode is not None and mode >= 0 and cuda.usable(state, params.loss.pixel_error):
+                err = cuda.frame_error(frames, state.canvas, rows, mode)
+                return err, params.loss.reduce(err / state.canvas[0].numel()).float()
+        return _pixel_scores(params, frames, state.canvas[rows])
+
+
 # ---- observation -----------------------------------------------------------------------------
 def observe(params: CoreParams, state: GazeState) -> dict[str, torch.Tensor]:
     """The observation of every episode, batched (see ``AutoGazeEnv`` for the spec)."""
     return {
         "frame": state.frame,  # (B, 3, H, W) uint8
         "canvas": state.canvas.clone(),  # (B, 3, H, W) uint8
+        **observe_flags(params, state),
+    }
+
+
+def observe_flags(params: CoreParams, state: GazeState) -> dict[str, torch.Tensor]:
+    """The observation's small entries (all but ``frame`` and ``canvas``), batched."""
+    return {
         "gazed": state.gazed.clone(),  # (B, N) bool
         "frame_index": state.frame_t.clone(),  # (B,) int64
         "gazes_left": torch.where(state.done, 0, state.budget - state.num_gazed),  # (B,) int64

@@ -12,11 +12,28 @@ from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
+from torchrl.data import Binary, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from gaze_env import core
 from gaze_env.builder import build
+from gaze_env.graph import StepRunner, resolve_step_mode
+
+
+class PixelSpec(Categorical):
+    """uint8 pixels in [0, 255]: ``Categorical(256)`` with ``is_in`` checking shape and dtype only.
+
+    ``Bounded(0, 255)`` would hold, clone and compare bound tensors of the full (B, 3, H, W) shape
+    (0.6 GB each per image key at paper size, B = 4096, and minutes of CPU time to build);
+    ``Categorical`` holds none, but its ``is_in`` compares ``val < 256`` in the value's dtype, which
+    wraps for uint8. Every uint8 value is a valid pixel."""
+
+    def is_in(self, val: torch.Tensor) -> bool:
+        try:
+            shape = torch.broadcast_shapes(self._safe_shape, val.shape)
+        except RuntimeError:  # shapes that do not broadcast
+            return False
+        return val.dtype == self.dtype and val.shape == shape
 
 
 class AutoGazeTorchEnv(EnvBase):
@@ -27,7 +44,8 @@ class AutoGazeTorchEnv(EnvBase):
     ``reward_kwargs``, ``gaze_cost``, ``loss_threshold``, ``reconstructor``, ...).
 
     Specs (``N`` patches, ``T`` frames, ``H`` frame side, all with leading batch dim ``B``):
-    - observation: ``frame`` / ``canvas`` (B, 3, H, H) uint8, ``gazed`` (B, N) bool,
+    - observation: ``frame`` / ``canvas`` (B, 3, H, H) uint8 (``PixelSpec``, a ``Categorical(256)``:
+      no per-element bound tensors), ``gazed`` (B, N) bool,
       ``frame_index`` (B,) int64 in [0, T), ``gazes_left`` (B,) int64 in [0, N],
       ``action_mask`` (B, N + 1) bool, and diagnostics under ``info``: ``loss`` (B,),
       ``gazes_this_frame`` (B,), ``gazing_ratio`` (B,), ``frame_loss`` (B, T) (NaN until a frame ends);
@@ -48,6 +66,10 @@ class AutoGazeTorchEnv(EnvBase):
         batch_size: ``B`` as an int or a one-element sequence.
         device: torch device of the state and of every tensor the env returns.
         validate: check actions against the mask (a device sync each step); False skips it.
+        step_mode: ``"auto"`` (CUDA graphs of the fixed-shape step on CUDA when the reward's loss
+            is per-pixel, else eager), ``"eager"``, ``"static"`` or ``"graph"``: see
+            ``gaze_env.graph``. Every mode gives the same episodes; the tensordicts returned are
+            fresh tensors in every mode.
         **kwargs: the shared keyword arguments, resolved by ``gaze_env.builder.build``.
     """
 
@@ -59,6 +81,7 @@ class AutoGazeTorchEnv(EnvBase):
         *,
         device: str | torch.device = "cpu",
         validate: bool = True,
+        step_mode: str = "auto",
         **kwargs: Any,
     ) -> None:
         size = torch.Size([batch_size] if isinstance(batch_size, int) else batch_size)
@@ -72,7 +95,9 @@ class AutoGazeTorchEnv(EnvBase):
         self.source = self.built.source
         self.num_envs = size[0]
         self.validate = bool(validate)
+        self.step_mode = resolve_step_mode(step_mode, self.params, self.device)
         self.state = None
+        self._runner: StepRunner | None = None  # static / graph modes: built at the first step
         self._gen = torch.Generator()
         self._gen.seed()
         self._make_specs()
@@ -82,8 +107,8 @@ class AutoGazeTorchEnv(EnvBase):
         grid, T = self.config.grid, self.config.num_frames
         N, H = grid.num_patches, grid.frame_size
 
-        def image() -> Bounded:
-            return Bounded(0, 255, shape=(B, 3, H, H), dtype=torch.uint8, device=dev)
+        def image() -> PixelSpec:
+            return PixelSpec(256, shape=(B, 3, H, H), dtype=torch.uint8, device=dev)
 
         def real(*shape: int) -> Unbounded:
             return Unbounded(shape=(B, *shape), dtype=torch.float32, device=dev)
@@ -128,15 +153,20 @@ class AutoGazeTorchEnv(EnvBase):
 
         video, index, budgets = given("video"), given("clip_index"), given("budgets")
         if rows.numel():
-            if video is None:
-                if index is None:
-                    index = torch.randint(len(self.source), (rows.numel(),), generator=self._gen)
-                video = self.source.clips(index.tolist())
-            new = core.reset(self.params, video.to(self.device), generator=self._gen, budgets=budgets)
-            if self.state is None or rows.numel() == B:
-                self.state = new
-            else:
-                self.state.assign(rows, new)
+            if video is None and index is None:
+                index = torch.randint(len(self.source), (rows.numel(),), generator=self._gen)
+
+            def clips(lo: int, hi: int) -> torch.Tensor:
+                return video[lo:hi] if video is not None else self.source.clips(index[lo:hi].tolist())
+
+            if self.state is None:
+                batch = clips(0, B).to(self.device)
+                self.state = core.reset(self.params, batch, generator=self._gen, budgets=budgets)
+                self._runner = None
+            else:  # in place (the step graphs stay valid), a chunk of rows at a time
+                core.reset_rows(self.params, self.state, rows, clips, generator=self._gen, budgets=budgets)
+                if self._runner is not None:
+                    self._runner.refresh(rows)
         out = self._observation()
         done = self.state.done[:, None]  # (B, 1): False on every reset row
         out.update({"done": done, "terminated": done.clone(), "truncated": torch.zeros_like(done)})
@@ -146,8 +176,13 @@ class AutoGazeTorchEnv(EnvBase):
         if self.state is None:
             raise RuntimeError("call reset() before step()")
         action = tensordict.get("action").reshape(self.num_envs)
-        tr = core.step(self.params, self.state, action, validate=self.validate)
-        reward = self.reward_fn(tr).float()[:, None]  # (B, 1)
+        if self.step_mode == "eager":
+            tr = core.step(self.params, self.state, action, validate=self.validate)
+            reward = self.reward_fn(tr).float()[:, None]  # (B, 1)
+        else:
+            runner = self._stepper()
+            tr = runner.step(action)
+            reward = (runner.reward if runner.reward is not None else self.reward_fn(tr).float())[:, None].clone()
         terminated = self.state.done[:, None].clone()  # (B, 1): ended now or earlier (not reset since)
         out = self._observation()
         out.update({"reward": reward, "done": terminated, "terminated": terminated.clone()})
@@ -174,7 +209,22 @@ class AutoGazeTorchEnv(EnvBase):
         return tensordict
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _stepper(self) -> StepRunner:
+        """The static / graph runner of the current state (built, and captured, when missing)."""
+        if self._runner is None or not self._runner.matches(self.state, self.validate):
+            self._runner = None  # free the old graphs before capturing new ones
+            self._runner = StepRunner(
+                self.params, self.state, self.reward_fn, validate=self.validate, capture=self.step_mode == "graph"
+            )
+        return self._runner
+
     def _observation(self) -> TensorDictBase:
-        obs = core.observe(self.params, self.state)
-        obs["info"] = TensorDict(core.info(self.params, self.state), batch_size=self.batch_size, device=self.device)
+        r = self._runner
+        if r is not None and r.matches(self.state, self.validate):
+            # fresh copies of the runner's buffers: tensordicts are kept by rollouts and collectors
+            obs = {k: v.clone() for k, v in r.obs.items()}
+            info = {k: v.clone() for k, v in r.info.items()}
+        else:
+            obs, info = core.observe(self.params, self.state), core.info(self.params, self.state)
+        obs["info"] = TensorDict(info, batch_size=self.batch_size, device=self.device)
         return TensorDict(obs, batch_size=self.batch_size, device=self.device)

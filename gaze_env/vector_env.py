@@ -17,6 +17,7 @@ from gymnasium.vector.utils import batch_space
 
 from gaze_env import core
 from gaze_env.builder import build
+from gaze_env.graph import StepRunner, resolve_step_mode
 from gaze_env.gym_env import observation_space, to_numpy
 from gaze_env.render import side_by_side
 
@@ -68,7 +69,15 @@ class AutoGazeVectorEnv(VectorEnv):
     - ``device``: torch device of the batched state (``"cpu"``, ``"cuda"``, ...).
     - ``return_tensors`` (False): return observations, rewards, terminations and infos as torch
       tensors on ``device`` instead of numpy arrays (no device-to-host copy). Actions may be
-      numpy arrays, sequences or tensors either way.
+      numpy arrays, sequences or tensors either way. **The returned tensors may be buffers that
+      the next ``step()`` / ``reset()`` overwrites in place** (as in other GPU-batched envs): copy
+      (``.clone()``) what you keep, and do not write into them. The numpy arrays are always fresh.
+    - ``step_mode`` (``"auto"``): ``"eager"`` steps with ``core.step``; ``"graph"`` replays the
+      fixed-shape ``core.StaticStep`` as CUDA graphs (one host sync and a handful of launches per
+      step, observations kept in persistent buffers updated only where they change); ``"static"``
+      runs that step op by op (any device); ``"auto"`` picks ``"graph"`` on CUDA when the reward's
+      loss is per-pixel (l1, mse, psnr) and the reconstructor the paste canvas, else ``"eager"``.
+      All modes give identical episodes (see ``gaze_env.graph``).
     - ``autoreset_mode``: an ``AutoresetMode`` or its value (``"NextStep"``, ...).
     - ``validate`` (True): raise ``ValueError`` naming the env for an invalid action (ended envs
       accept any in-range action); False skips the check (invalid actions have undefined effects).
@@ -87,6 +96,7 @@ class AutoGazeVectorEnv(VectorEnv):
         return_tensors: bool = False,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         validate: bool = True,
+        step_mode: str = "auto",
         **kwargs: Any,
     ) -> None:
         if int(num_envs) < 1:
@@ -111,10 +121,14 @@ class AutoGazeVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
+        self.step_mode = resolve_step_mode(step_mode, self.params, self.device)
+
         self.state = None
+        self._runner: StepRunner | None = None  # static / graph modes: built at the first step
         self._torch_gen = torch.Generator()
         self._seeded = False
         self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)  # (B,)
+        self._restart_pending = False  # some env may be marked in _autoreset (known without a sync)
 
     # ---- Gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -160,25 +174,38 @@ class AutoGazeVectorEnv(VectorEnv):
                 "reset(options={'reset_mask': mask}) before the next step"
             )
         # ended envs (restarting under NEXT_STEP) accept and ignore any in-range action
-        tr = core.step(self.params, self.state, action, validate=self.validate)
-        reward = self.reward_fn(tr).float()  # (B,)
-        terminated = tr.terminated.clone()  # (B,)
+        if self.step_mode == "eager":
+            tr = core.step(self.params, self.state, action, validate=self.validate)
+            reward = self.reward_fn(tr).float()  # (B,)
+            terminated = tr.terminated.clone()  # (B,)
+            ended_any = None  # known only through a sync
+        else:
+            runner = self._stepper()
+            tr = runner.step(action)
+            reward = runner.reward if runner.reward is not None else self.reward_fn(tr).float()
+            terminated = tr.terminated  # (B,) reused buffer
+            ended_any = runner.num_terminated > 0
         truncated = torch.zeros_like(terminated)  # the episode length is bounded: never truncated
         info: dict[str, Any] = {}
         if restart is not None:
-            if bool(restart.any()):
-                reward = torch.where(restart, torch.zeros_like(reward), reward)
-                self._start(restart.nonzero()[:, 0])
+            if self._restart_pending:
+                rows = restart.nonzero()[:, 0]
+                if rows.numel():
+                    reward = torch.where(restart, torch.zeros_like(reward), reward)
+                    self._start(rows)
             self._autoreset = terminated | truncated
+            self._restart_pending = bool(self._autoreset.any()) if ended_any is None else ended_any
         elif self.autoreset_mode == AutoresetMode.SAME_STEP:
             ended = terminated | truncated
-            if bool(ended.any()):
+            if bool(ended.any()) if ended_any is None else ended_any:
                 info = self._final(ended)
                 self._start(ended.nonzero()[:, 0])
         info.update(self._info(torch.ones(self.num_envs, dtype=torch.bool, device=self.device)))
         if self.return_tensors:
             return self._obs(), reward, terminated, truncated, info
-        return self._obs(), reward.double().cpu().numpy(), terminated.cpu().numpy(), truncated.cpu().numpy(), info
+        # numpy results are fresh arrays (``.numpy()`` of a CPU tensor would share a reused buffer)
+        terminated_np, truncated_np = terminated.cpu().numpy().copy(), truncated.cpu().numpy()
+        return self._obs(), reward.double().cpu().numpy(), terminated_np, truncated_np, info
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         if self.render_mode != "rgb_array" or self.state is None:
@@ -189,31 +216,56 @@ class AutoGazeVectorEnv(VectorEnv):
 
     def close_extras(self, **kwargs: Any) -> None:
         self.state = None
+        self._runner = None
 
     # ---- helpers ---------------------------------------------------------------------------
     def _start(self, rows: torch.Tensor, video=None, clip_index=None, budgets=None) -> None:
-        """Start new episodes in rows ``rows`` (int64 (M,)), replacing only those rows."""
+        """Start new episodes in rows ``rows`` (int64 (M,)), replacing only those rows (in place, so
+        that the step graphs stay valid; a chunk of rows at a time, see ``core.reset_rows``)."""
         M = rows.numel()
         if video is not None and clip_index is not None:
             raise ValueError("give options['video'] or options['clip_index'], not both")
         if video is not None:
-            clips = self._per_row(torch.as_tensor(video), rows, "video")
+            given = self._per_row(torch.as_tensor(video), rows, "video")
+
+            def clips(lo: int, hi: int) -> torch.Tensor:
+                return given[lo:hi]
         else:
             if clip_index is None:
                 index = torch.randint(len(self.source), (M,), generator=self._torch_gen)
             else:
                 index = self._per_row(torch.as_tensor(clip_index), rows, "clip_index")
-            clips = self.source.clips(index.tolist())
+
+            def clips(lo: int, hi: int) -> torch.Tensor:
+                return self.source.clips(index[lo:hi].tolist())
+
         if budgets is not None:
             budgets = torch.as_tensor(budgets, dtype=torch.int64)
             if budgets.ndim == 2:
                 budgets = self._per_row(budgets, rows, "budgets")
-        new = core.reset(self.params, clips.to(self.device), generator=self._torch_gen, budgets=budgets)
-        if self.state is None or M == self.num_envs:
-            self.state = new
+        if self.state is None:
+            batch = clips(0, M).to(self.device)
+            self.state = core.reset(self.params, batch, generator=self._torch_gen, budgets=budgets)
+            self._runner = None
         else:
-            self.state.assign(rows, new)
+            core.reset_rows(self.params, self.state, rows, clips, generator=self._torch_gen, budgets=budgets)
+            if self._runner is not None:
+                self._runner.refresh(rows)
         self._autoreset[rows] = False
+
+    def _stepper(self) -> StepRunner:
+        """The static / graph runner of the current state (built, and captured, when missing)."""
+        if self._runner is None or not self._runner.matches(self.state, self.validate):
+            self._runner = None  # free the old graphs before capturing new ones
+            self._runner = StepRunner(
+                self.params, self.state, self.reward_fn, validate=self.validate, capture=self.step_mode == "graph"
+            )
+        return self._runner
+
+    def _live_runner(self) -> StepRunner | None:
+        """The runner, when it holds the current observation (it steps the current state)."""
+        r = self._runner
+        return r if r is not None and r.matches(self.state, self.validate) else None
 
     def _per_row(self, value: torch.Tensor, rows: torch.Tensor, name: str) -> torch.Tensor:
         """An option given per env (B, ...) or per reset env (M, ...) -> its M reset rows."""
@@ -235,16 +287,26 @@ class AutoGazeVectorEnv(VectorEnv):
             raise ValueError(f"actions must be integers in [0, {N}], got dtype {action.dtype}")
         return action.to(torch.int64)
 
-    def _convert(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return batch if self.return_tensors else to_numpy(batch)
+    def _convert(self, batch: dict[str, torch.Tensor], reused: bool = False) -> dict[str, Any]:
+        """Tensors as they are (``return_tensors``) or fresh numpy arrays; ``reused``: the tensors
+        are the runner's buffers, which ``.numpy()`` of a CPU tensor would share."""
+        if self.return_tensors:
+            return batch
+        if reused and self.device.type == "cpu":
+            batch = {k: v.clone() for k, v in batch.items()}
+        return to_numpy(batch)
 
     def _obs(self) -> dict[str, Any]:
+        runner = self._live_runner()
+        if runner is not None:
+            return self._convert(dict(runner.obs), reused=True)
         return self._convert(core.observe(self.params, self.state))
 
     def _info(self, present: torch.Tensor) -> dict[str, Any]:
-        info = core.info(self.params, self.state)
+        runner = self._live_runner()
+        info = dict(runner.info) if runner is not None else core.info(self.params, self.state)
         info.update({f"_{k}": present for k in list(info)})
-        return self._convert(info)
+        return self._convert(info, reused=runner is not None)
 
     def _final(self, ended: torch.Tensor) -> dict[str, Any]:
         """``final_obs`` / ``final_info`` of the envs in ``ended`` (B,) bool, before they reset."""

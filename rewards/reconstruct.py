@@ -35,6 +35,10 @@ class Reconstructor(Protocol):
     # Optional: ``end_frame(state, rows, loss_fn) -> (M,)``: the loss of rows ``rows`` whose frame
     # just ended, when the reconstructor scores frame ends differently from the running canvas
     # (the learned MAE does); the core then records it as the frame's loss.
+    #
+    # Optional, for the static / CUDA-graph step (``gaze_env.core.StaticStep``): ``gaze_static`` and
+    # ``begin_frame_static``, the same updates with fixed shapes and no host sync (see
+    # ``PasteReconstructor``). Without them the front-ends step eagerly.
 
 
 class PasteReconstructor:
@@ -94,6 +98,70 @@ class PasteReconstructor:
                 return cuda.paste_gaze(self.grid, state, action, active, pixel_error)
         return paste_gaze(self.grid, state, action, active, pixel_error, self._table(state.device))
 
+    # ---- the static step (gaze_env.core.StaticStep): fixed shapes, no host syncs ---------------
+    # On CUDA both methods run the CuPy kernels of ``rewards.cuda`` whenever they apply (whatever
+    # ``kernel`` says: the fixed-shape torch paste below does every scale for every row, far more
+    # work than the kernel's gazed square); elsewhere the torch code, which equals the eager path.
+    def gaze_static(
+        self,
+        state: GazeState,
+        action: torch.Tensor,
+        active: torch.Tensor,
+        pixel_error=None,
+        *,
+        canvas_out: torch.Tensor | None = None,
+        delta_out: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``gaze`` with fixed shapes and no host sync (CUDA-graph capturable); ``canvas_out``
+        (B, 3, H, W) uint8, when given, receives every pixel written to the canvas, and the delta
+        goes to ``delta_out`` (B,) float64 when given."""
+        if _kernels_usable(state, pixel_error):
+            from rewards import cuda
+
+            return cuda.paste_gaze(
+                self.grid, state, action, active, pixel_error, canvas_out=canvas_out, delta_out=delta_out
+            )
+        delta = paste_gaze_static(
+            self.grid, state, action, active, pixel_error, self._table(state.device), canvas_out=canvas_out
+        )
+        if delta is not None and delta_out is not None:
+            return delta_out.copy_(delta)
+        return delta
+
+    def begin_frame_static(
+        self,
+        state: GazeState,
+        rows: torch.Tensor,
+        valid: torch.Tensor,
+        frames: torch.Tensor,
+        *,
+        frame_out: torch.Tensor | None = None,
+    ) -> None:
+        """``begin_frame`` for the rows ``rows`` (int64 (C,), distinct) with ``valid`` (C,) bool,
+        the others untouched, with fixed shapes; ``frames`` (C, 3, H, W) uint8 are the frames the
+        rows moved to (``state.video[rows, state.t[rows]]``), also written to the rows of
+        ``frame_out`` (B, 3, H, W) uint8 when given (an observation buffer)."""
+        views, level = state.aux["views"], state.aux["level"]
+        if _kernels_usable(state, None):
+            from rewards import cuda
+
+            cuda.write_views(self.grid, frames, rows, valid, views, level, frame_out)
+            return
+        new = self.grid.scale_views(frames)  # (C, k, 3, H, W)
+        views[rows] = torch.where(valid[:, None, None, None, None], new, views[rows])
+        level[rows] = torch.where(valid[:, None, None], torch.full_like(level[rows], -1), level[rows])
+        if frame_out is not None:
+            frame_out[rows] = torch.where(valid[:, None, None, None], frames, frame_out[rows])
+
+
+def _kernels_usable(state: GazeState, pixel_error) -> bool:
+    """CUDA state and the CuPy kernels of ``rewards.cuda`` importable for this loss."""
+    if state.device.type != "cuda":
+        return False
+    from rewards import cuda
+
+    return cuda.usable(state, pixel_error)
+
 
 def paste_gaze(
     grid: PatchGrid,
@@ -136,4 +204,49 @@ def paste_gaze(
             target = state.video.view(B, T, 3, g, R, g, R)[rows, t, :, r, :, c, :].float().div_(255)
             change = pixel_error(target, new.float().div_(255)) - pixel_error(target, old.float().div_(255))
             delta[rows] = change.reshape(rows.numel(), -1).double().sum(1)  # float64: batch-size invariant
+    return delta
+
+
+def paste_gaze_static(
+    grid: PatchGrid,
+    state: GazeState,
+    action: torch.Tensor,
+    active: torch.Tensor,
+    pixel_error=None,
+    table: torch.Tensor | None = None,
+    *,
+    canvas_out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``paste_gaze`` with fixed shapes and no host sync: every scale visits every row, the rows
+    whose patch is not of that scale (or that are not ``active``) write back what they read.
+
+    Same canvas, level map and delta as ``paste_gaze`` (each row's delta is the same float64 sum of
+    the same float32 per-element changes); ``canvas_out`` (B, 3, H, W) uint8, when given, receives
+    the same writes as the canvas. The torch fallback of ``PasteReconstructor.gaze_static``; on
+    CUDA the CuPy kernel does the work of the gazed squares only.
+    """
+    B, T = state.batch_size, state.num_frames
+    table = grid.table.to(state.device) if table is None else table  # (N, 3)
+    patch = table[action.clamp(0, grid.num_patches - 1)]  # (B, 3): (scale, row, col)
+    b = torch.arange(B, device=state.device)
+    t = state.frame_t  # (B,)
+    canvas, views, level = state.canvas, state.aux["views"], state.aux["level"]
+    delta = torch.zeros(B, dtype=torch.float64, device=state.device) if pixel_error is not None else None
+    for k, (g, R) in enumerate(zip(grid.grid_sizes, grid.region_sizes)):
+        on = active & (patch[:, 0] == k)  # (B,)
+        r, c = patch[:, 1].clamp(max=g - 1), patch[:, 2].clamp(max=g - 1)  # (B,): in range for every row
+        tiles = canvas.view(B, 3, g, R, g, R)
+        level_tiles = level.view(B, g, R, g, R)
+        old = tiles[b, :, r, :, c, :]  # (B, 3, R, R)
+        lvl = level_tiles[b, r, :, c, :]  # (B, R, R)
+        write = (lvl <= k) & on[:, None, None]  # (B, R, R)
+        new = torch.where(write[:, None], views[:, k].view(B, 3, g, R, g, R)[b, :, r, :, c, :], old)
+        tiles[b, :, r, :, c, :] = new
+        if canvas_out is not None:
+            canvas_out.view(B, 3, g, R, g, R)[b, :, r, :, c, :] = new
+        level_tiles[b, r, :, c, :] = torch.where(write, torch.full_like(lvl, k), lvl)
+        if delta is not None:
+            target = state.video.view(B, T, 3, g, R, g, R)[b, t, :, r, :, c, :].float().div_(255)
+            change = pixel_error(target, new.float().div_(255)) - pixel_error(target, old.float().div_(255))
+            delta += torch.where(on, change.reshape(B, -1).double().sum(1), 0.0)  # float64: batch-size invariant
     return delta

@@ -1,5 +1,7 @@
 """Parity: the Gymnasium env (one instance per row), the vector env and the TorchRL env are the same
-MDP. Same clips, budgets and actions give identical observations, rewards, terminations and losses."""
+MDP. Same clips, budgets and actions give identical observations, rewards, terminations and losses,
+whatever the batched envs' step mode (eager ``core.step``, the fixed-shape ``core.StaticStep`` op by
+op, or, on CUDA, its CUDA graphs)."""
 
 import gymnasium as gym
 import numpy as np
@@ -24,7 +26,7 @@ def first_valid(mask) -> int:
 class Fronts:
     """B gym envs, one vector env and one TorchRL env, started on the same clips and budgets."""
 
-    def __init__(self, clip_index, budgets, **kwargs):
+    def __init__(self, clip_index, budgets, step_mode="eager", **kwargs):
         clips = random_clips(6)
         self.B = len(clip_index)
         self.gyms = [AutoGazeEnv(videos=clips, **kwargs) for _ in range(self.B)]
@@ -32,9 +34,9 @@ class Fronts:
             env.reset(seed=i, options={"clip_index": int(c), "budgets": budgets[i]})
             for i, (env, c) in enumerate(zip(self.gyms, clip_index))
         ]
-        self.vec = gym.make_vec(ENV_ID, num_envs=self.B, videos=clips, **kwargs)
+        self.vec = gym.make_vec(ENV_ID, num_envs=self.B, videos=clips, step_mode=step_mode, **kwargs)
         self.vec_obs = self.vec.reset(seed=0, options={"clip_index": np.array(clip_index), "budgets": budgets})
-        self.trl = AutoGazeTorchEnv(self.B, videos=clips, **kwargs)
+        self.trl = AutoGazeTorchEnv(self.B, videos=clips, step_mode=step_mode, **kwargs)
         start = {"clip_index": torch.tensor(clip_index), "budgets": torch.as_tensor(budgets)}
         self.trl_td = self.trl.reset(TensorDict(start, batch_size=[self.B]))
         self.alive = [True] * self.B
@@ -90,23 +92,31 @@ class Fronts:
     ids=["frame-l1", "dense-mse-cost", "frame-ssim-skip"],
 )
 @pytest.mark.parametrize(
-    "device",
+    ("device", "step_mode"),
     [
-        "cpu",
+        ("cpu", "eager"),
+        ("cpu", "static"),
         pytest.param(
             "cuda",
+            "auto",
             marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
         ),
     ],
+    ids=["cpu-eager", "cpu-static", "cuda-auto"],
 )
-def test_parity__gym_vector_and_torchrl_envs_agree_step_by_step(kwargs, device):
-    if device == "cuda" and kwargs.get("reward_kwargs", {}).get("loss") == "ssim":
+def test_parity__gym_vector_and_torchrl_envs_agree_step_by_step(kwargs, device, step_mode):
+    ssim = kwargs.get("reward_kwargs", {}).get("loss") == "ssim"
+    if device == "cuda" and ssim:
         # SSIM's pooled sums on CUDA differ in the last bit between batch sizes (B = 1 vs 3); the
         # pixel losses are summed in float64 and stay exact
         pytest.skip("SSIM is not bit-exact across batch sizes on CUDA")
+    if step_mode == "static" and ssim:
+        pytest.skip("the static step needs a per-pixel loss (SSIM steps eagerly)")
     # different budgets per row so that frames (and episodes) end at different steps
     budgets = np.array([[2] * T, [3] * T, [1, 4, 1, 4, 1, 4, 1, 4]])
-    fronts = Fronts([2, 0, 5], budgets, device=device, **kwargs)
+    fronts = Fronts([2, 0, 5], budgets, device=device, step_mode=step_mode, **kwargs)
+    expected = "graph" if device == "cuda" else step_mode
+    assert fronts.vec.unwrapped.step_mode == fronts.trl.step_mode == expected
     for i in range(fronts.B):
         fronts.assert_same(i, fronts.gym_obs[i], fronts.vec_obs, fronts.trl_td)
     gen = np.random.default_rng(0)
@@ -118,8 +128,9 @@ def test_parity__gym_vector_and_torchrl_envs_agree_step_by_step(kwargs, device):
     assert steps >= 8  # the longest episode ran at least one step per frame
 
 
-def test_parity__a_partially_reset_row_matches_a_fresh_episode():
-    fronts = Fronts([0, 1], np.array([[2] * T, [2] * T]))
+@pytest.mark.parametrize("step_mode", ["eager", "static"])
+def test_parity__a_partially_reset_row_matches_a_fresh_episode(step_mode):
+    fronts = Fronts([0, 1], np.array([[2] * T, [2] * T]), step_mode=step_mode)
     gen = np.random.default_rng(1)
     for _ in range(5):
         fronts.step(gen)

@@ -149,3 +149,27 @@ def test_torchrl_env__runs_on_cuda():
     env = make(B=2, device="cuda")
     td = env.rollout(10, break_when_any_done=False)
     assert td.device.type == "cuda" and td["next", "canvas"].is_cuda and env.state.video.is_cuda
+
+
+def test_torchrl_env__image_specs_hold_no_per_pixel_bounds():
+    # paper size, B = 4096: Bounded image specs would build and compare 2 x 0.6 GB of bounds each
+    env = AutoGazeTorchEnv(4096, preset="paper", videos=random_clips(1, "paper"))
+    spec = env.observation_spec["frame"]
+    assert spec.shape == (4096, 3, 224, 224) and spec.dtype == torch.uint8
+    assert not any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in vars(spec.space).values())
+    pixels = torch.tensor([[0, 255]], dtype=torch.uint8)
+    small = make(B=1).observation_spec["canvas"]
+    assert small.is_in(torch.full((1, 3, H, H), 255, dtype=torch.uint8)) and not small.is_in(pixels)
+
+
+@pytest.mark.parametrize("step_mode", ["eager", "static"])
+def test_torchrl_env__step_modes_give_the_same_rollout(step_mode):
+    envs = [make(B=3, frame_budgets=[1, 2] * 4, step_mode=m) for m in ("eager", step_mode)]
+    rollouts = []
+    for env in envs:
+        env.set_seed(5)
+        torch.manual_seed(0)
+        rollouts.append(env.rollout(40, break_when_any_done=False))
+    assert rollouts[1]["next", "reward"].shape == (3, 40, 1)
+    torch.testing.assert_close(rollouts[0], rollouts[1], rtol=0, atol=0, equal_nan=True)
+    assert (rollouts[1]["next", "frame_index"][:, 1:] != rollouts[1]["next", "frame_index"][:, :-1]).any()

@@ -36,6 +36,24 @@ def same(a, b) -> bool:
     return True
 
 
+def assert_same_nested(a, b) -> None:
+    """Equality of step tuples whose infos may hold object arrays of dicts (``final_obs``)."""
+    if isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_nested(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_nested(a[k], b[k])
+    elif isinstance(a, np.ndarray) and a.dtype == object:
+        assert a.shape == b.shape
+        for x, y in zip(a, b):
+            assert_same_nested(x, y)
+    else:
+        np.testing.assert_equal(a, b)
+
+
 def first_patch(mask) -> np.ndarray:
     """The first valid patch of every env (-1 rows have none)."""
     mask = np.asarray(mask)[:, :N]
@@ -207,3 +225,41 @@ def test_vector_env__render_gives_one_picture_per_env():
     env.reset(seed=0)
     pictures = env.render()
     assert len(pictures) == 2 and pictures[0].shape == (64, 3 * 64 + 8, 3) and pictures[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("autoreset_mode", ["NextStep", "SameStep"])
+def test_vector_env__static_step_mode_plays_the_eager_episodes(autoreset_mode):
+    kw = {"num_envs": 4, "autoreset_mode": autoreset_mode, "frame_budgets": [2, 1, 3, 1, 2, 1, 1, 2]}
+    eager, static = make(step_mode="eager", **kw), make(step_mode="static", **kw)
+    assert eager.unwrapped.step_mode == "eager" and static.unwrapped.step_mode == "static"
+    outs = [env.reset(seed=3) for env in (eager, static)]
+    assert_same_nested(outs[0], outs[1])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):  # several episodes per env: autoresets included
+        actions = valid_actions(outs[0][0]["action_mask"], gen)
+        outs = [env.step(actions) for env in (eager, static)]
+        assert_same_nested(outs[0], outs[1])
+    assert static.unwrapped._runner is not None and not static.unwrapped._runner.captured
+
+
+def test_vector_env__return_tensors_reuses_buffers_in_static_mode_and_numpy_stays_fresh():
+    env = make(num_envs=2, return_tensors=True, step_mode="static")
+    obs, _ = env.reset(seed=0)
+    first, *_ = env.step(torch.as_tensor(first_patch(obs["action_mask"].numpy())))
+    kept = {k: v.clone() for k, v in first.items()}
+    second, *_ = env.step(torch.as_tensor(first_patch(first["action_mask"].numpy())))
+    assert all(second[k] is first[k] for k in first)  # the same buffers, updated in place
+    assert not torch.equal(second["gazed"], kept["gazed"])
+    numpy_env = make(num_envs=2, step_mode="static")
+    obs, _ = numpy_env.reset(seed=0)
+    obs2, *_ = numpy_env.step(first_patch(obs["action_mask"]))
+    obs3, *_ = numpy_env.step(first_patch(obs2["action_mask"]))
+    assert not np.array_equal(obs2["gazed"], obs3["gazed"])  # numpy observations are fresh copies
+
+
+def test_vector_env__step_mode_is_checked():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make(step_mode="graph")
+    with pytest.raises(ValueError, match="not a per-pixel loss"):
+        make(step_mode="static", reward_kwargs={"loss": "ssim"})
+    assert make(reward_kwargs={"loss": "ssim"}).unwrapped.step_mode == "eager"
