@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 PRESET ?= tiny
 PYTEST_ARGS ?=
+# NPROC=N runs the trainers (train-bc, train-rl, train-recon) as N data-parallel processes on this
+# node through torchrun (NCCL on CUDA, gloo on CPU); see README "Scaling out"
+NPROC ?= 1
+TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m,$(PY) -m)
 
 .PHONY: help setup test test-fast lint data
 
@@ -41,15 +45,15 @@ BC_ARGS ?=
 collect-expert: setup  ## label clips with the greedy oracle into data/expert/$(PRESET) (COLLECT_ARGS="--num-clips 4096")
 	$(PY) -m experiments.collect_expert --preset $(PRESET) $(COLLECT_ARGS)
 
-train-bc: setup  ## behaviour cloning on the oracle's gazes (labels data first if missing) -> runs/bc/$(PRESET)/final (BC_ARGS="--resume")
-	$(PY) -m experiments.train_bc --preset $(PRESET) $(BC_ARGS)
+train-bc: setup  ## behaviour cloning on the oracle's gazes (labels data first if missing) -> runs/bc/$(PRESET)/final (BC_ARGS="--resume", NPROC=2)
+	$(TRAIN) experiments.train_bc --preset $(PRESET) $(BC_ARGS)
 
 .PHONY: train-rl
 ALGO ?= grpo
 RL_ARGS ?=
 
 train-rl: setup  ## RL fine-tuning of the BC policy (ALGO=grpo|ppo) -> runs/rl/$(PRESET)/$(ALGO)/final (RL_ARGS="--resume")
-	$(PY) -m experiments.train_rl --preset $(PRESET) --algo $(ALGO) $(RL_ARGS)
+	$(TRAIN) experiments.train_rl --preset $(PRESET) --algo $(ALGO) $(RL_ARGS)
 
 .PHONY: bench
 BENCH_ARGS ?=
@@ -61,7 +65,7 @@ bench: setup  ## env throughput of every front-end -> docs/benchmarks.md (BENCH_
 RECON_ARGS ?=
 
 train-recon: setup  ## train the learned MAE reconstructor (reward="mae") -> runs/recon/$(PRESET)/final (RECON_ARGS="--resume latest")
-	$(PY) -m experiments.train_recon --preset $(PRESET) $(RECON_ARGS)
+	$(TRAIN) experiments.train_recon --preset $(PRESET) $(RECON_ARGS)
 
 .PHONY: eval
 POLICY ?= auto

@@ -28,14 +28,21 @@ On top of the math, one GRPO iteration (``grpo_step``) is:
    ``policy.score`` and one optimizer step on ``grpo_loss`` (policy gradient + loss head).
 
 ``agents.ppo`` reuses 1, 2 and 4's plumbing with a critic and GAE instead of the group baseline.
+
+Data-parallel training (``experiments.distributed``): each process rolls out its own clips (whole
+groups) and ``minibatch_update`` joins the processes through a ``DataParallel`` (one all-reduce of
+the gradients per optimizer step). With ``totals`` (``grpo_totals`` summed over the processes)
+every process's loss is its share of the global batch's loss, so the update is the
+single-process one; per-clip generators (``grpo_step(generator=[...])``) make the rollouts
+independent of how the clips are spread over processes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +111,33 @@ def group_relative_advantage(
     return (adv * v).reshape(B, L)
 
 
-def aggregate(per_step: torch.Tensor, valid: torch.Tensor, mode: Aggregate = "sum") -> torch.Tensor:
+def aggregate(
+    per_step: torch.Tensor, valid: torch.Tensor, mode: Aggregate = "sum", total: torch.Tensor | None = None
+) -> torch.Tensor:
     """Reduce (B, L) per-step terms over valid steps: ``sum`` (paper: no normaliser), ``token``
-    (mean over all valid steps of the batch) or ``sequence`` (mean per rollout, then over rollouts)."""
+    (mean over all valid steps of the batch) or ``sequence`` (mean per rollout, then over rollouts).
+
+    ``total``: the normaliser of a larger batch this one is part of (``aggregate_count`` summed
+    over the parts): the result is then this part's share of that batch's value."""
     x = torch.where(valid, per_step, torch.zeros_like(per_step))
     if mode == "sum":
         return x.sum()
     if mode == "token":
-        return x.sum() / valid.sum().clamp_min(1)
+        return x.sum() / (valid.sum() if total is None else total).clamp_min(1)
     if mode == "sequence":
-        return (x.sum(1) / valid.sum(1).clamp_min(1)).mean()
+        per_row = x.sum(1) / valid.sum(1).clamp_min(1)
+        return per_row.mean() if total is None else per_row.sum() / total.clamp_min(1)
     raise ValueError(f"aggregate must be 'sum', 'token' or 'sequence', got {mode!r}")
+
+
+def aggregate_count(valid: torch.Tensor, mode: Aggregate) -> torch.Tensor:
+    """The normaliser of ``aggregate(., valid, mode)``: valid steps (``token``), rollouts
+    (``sequence``), 0 (``sum``, none); int64 scalar."""
+    if mode == "token":
+        return valid.sum()
+    if mode == "sequence":
+        return torch.tensor(valid.shape[0], device=valid.device)
+    return torch.zeros((), dtype=torch.int64, device=valid.device)
 
 
 def policy_gradient_loss(
@@ -127,8 +150,9 @@ def policy_gradient_loss(
     ref_log_prob: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     aggregation: Aggregate = "sum",
+    total: torch.Tensor | None = None,
 ) -> TensorDict:
-    """Policy-gradient loss over (B, L) steps.
+    """Policy-gradient loss over (B, L) steps (``total``: see :func:`aggregate`).
 
     ``ratio = exp(log_prob - old_log_prob)`` (1 on-policy, with the policy's gradient);
     ``loss_objective = -agg(ratio * A)``, or PPO's ``-agg(min(ratio A, clip(ratio) A))`` with
@@ -145,7 +169,7 @@ def policy_gradient_loss(
         surrogate = torch.minimum(surrogate, clipped)
         clip_fraction = aggregate(((ratio - 1).abs() > clip_eps).float(), valid, "token")
     out = {
-        "loss_objective": -aggregate(surrogate, valid, aggregation),
+        "loss_objective": -aggregate(surrogate, valid, aggregation, total),
         "ratio": aggregate(ratio.detach(), valid, "token"),
         "clip_fraction": clip_fraction,
         "approx_kl": aggregate((ratio.detach() - 1) - log_ratio.detach(), valid, "token"),
@@ -154,7 +178,7 @@ def policy_gradient_loss(
     if ref_log_prob is not None and kl_coef:
         d = ref_log_prob.detach() - log_prob
         k3 = d.exp() - 1 - d  # unbiased, non-negative estimate of KL(pi || ref)
-        out["loss_kl"] = kl_coef * aggregate(k3, valid, aggregation)
+        out["loss_kl"] = kl_coef * aggregate(k3, valid, aggregation, total)
         out["kl_ref"] = aggregate(k3.detach(), valid, "token")
     return TensorDict(out, batch_size=[])
 
@@ -166,8 +190,10 @@ def loss_prediction_loss(
     *,
     coef: float = 1.0,
     aggregation: Aggregate = "sum",
+    total: torch.Tensor | None = None,
 ) -> TensorDict:
-    """Train the task-loss head on the losses the environment measured.
+    """Train the task-loss head on the losses the environment measured (``total``: see
+    :func:`aggregate`).
 
     (B, L) predicted frame loss after each step, (B, L) actual loss after it, (B, L) bool steps to
     train on -> ``loss_pred = coef * agg((loss_pred - loss_after)^2)`` (aggregated like the policy
@@ -177,7 +203,7 @@ def loss_prediction_loss(
     err = torch.where(mask, loss_pred - target, torch.zeros_like(loss_pred))
     return TensorDict(
         {
-            "loss_pred": coef * aggregate(err.pow(2), mask, aggregation),
+            "loss_pred": coef * aggregate(err.pow(2), mask, aggregation, total),
             "loss_pred_abs_err": aggregate(err.detach().abs(), mask, "token"),
         },
         batch_size=[],
@@ -331,6 +357,30 @@ def collect(
     return batch
 
 
+STEP_KEYS = ("action", "frame_id", "valid", "log_prob", "loss_pred", "value", "reward", "loss_after")
+"""Per-step (B, L) entries of a batch of rollouts (the others are per rollout or per frame)."""
+
+
+def cat_rollouts(parts: Sequence[TensorDict], group_size: int, stop_id: int) -> TensorDict:
+    """One batch of the :func:`collect` batches ``parts`` (whole groups each), their steps padded
+    to the longest (STOP, invalid, zeros) and ``clip`` renumbered over the whole batch."""
+    if len(parts) == 1:
+        return parts[0]
+    L = max(p["action"].shape[1] for p in parts)
+    padded = []
+    for p in parts:
+        p = p.clone(recurse=False)
+        extra = L - p["action"].shape[1]
+        if extra:
+            for key in STEP_KEYS:
+                if key in p.keys():
+                    p[key] = F.pad(p[key], (0, extra), value=stop_id if key == "action" else 0)
+        padded.append(p)
+    batch = torch.cat(padded)
+    batch["clip"] = torch.arange(batch.batch_size[0] // group_size, device=batch.device).repeat_interleave(group_size)
+    return batch
+
+
 def trajectory_stats(batch: TensorDict, num_patches: int) -> dict[str, float]:
     """Diagnostics of a batch of rollouts: mean episode return, mean per-frame loss, gazing ratio,
     and the mean absolute error of the loss prediction the rollouts were generated with."""
@@ -345,11 +395,33 @@ def trajectory_stats(batch: TensorDict, num_patches: int) -> dict[str, float]:
     }
 
 
+class DataParallel(Protocol):
+    """What ``minibatch_update`` needs of a multi-process run (``experiments.distributed.Dist``)."""
+
+    world_size: int
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of ``t`` over the processes."""
+        ...
+
+
+def all_sum_gradients(params: Sequence[torch.nn.Parameter], parallel: DataParallel, mean: bool) -> None:
+    """Sum (``mean``: average) every parameter's gradient over the processes, in one all-reduce
+    (a parameter without a gradient counts as zeros, so that every process sends the same shapes)."""
+    params = [p for p in params if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = parallel.all_sum(torch.cat([g.reshape(-1) for g in grads]))
+    if mean:
+        flat /= parallel.world_size
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
 def minibatch_update(
     policy: AutoGazePolicy,
     optimizer: torch.optim.Optimizer,
     batch: TensorDict,
-    loss_fn: Callable[[TensorDict], TensorDict],
+    loss_fn: Callable[..., TensorDict],
     *,
     group_size: int,
     epochs: int,
@@ -359,6 +431,8 @@ def minibatch_update(
     summed: bool = False,
     amp: bool = False,
     generator: torch.Generator | None = None,
+    totals_fn: Callable[[TensorDict], dict[str, torch.Tensor]] | None = None,
+    parallel: DataParallel | None = None,
 ) -> TensorDict:
     """``epochs`` passes over ``batch`` in ``minibatches`` minibatches of whole groups (shuffled
     with ``generator`` when there are several), one optimizer step on the sum of ``loss_fn``'s
@@ -367,7 +441,15 @@ def minibatch_update(
     ``micro_batch`` rollouts go through ``loss_fn`` at a time, gradients accumulated, to bound
     memory: with ``summed`` (the loss sums over rollouts) the parts add up to the minibatch's
     loss; otherwise (a mean) each part is weighted by its share of rollouts, exact for means over
-    rollouts and close for means over steps. ``amp``: bf16 autocast of ``loss_fn`` on CUDA.
+    rollouts and close for means over steps. ``totals_fn`` (a minibatch -> its normalisers, e.g.
+    :func:`grpo_totals`): the normalisers of the whole minibatch (over all processes) go to
+    ``loss_fn(part, totals)``, whose ``loss_*`` entries are then the part's share and add up
+    exactly. ``amp``: bf16 autocast of ``loss_fn`` on CUDA.
+
+    ``parallel``: every process holds its own groups and takes the same number of minibatches and
+    micro-batches of them; gradients are summed over the processes before clipping (averaged when
+    the losses are means without ``totals_fn``: exact when the processes' minibatches are alike),
+    and the returned ``loss_*`` entries are the global ones, the diagnostics the processes' mean.
     Returns the mean of every entry over the optimizer steps, and ``grad_norm``."""
     B = batch.batch_size[0]
     n = B // group_size
@@ -388,16 +470,28 @@ def minibatch_update(
         for chunk in groups.chunk(minibatches):
             rows = (chunk[:, None] * group_size + members).flatten().to(device)
             optimizer.zero_grad(set_to_none=True)
+            totals = None
+            if totals_fn is not None:
+                totals = totals_fn(batch[rows])
+                if parallel is not None:
+                    totals = {k: parallel.all_sum(v) for k, v in totals.items()}
+            exact = summed or totals is not None  # the parts' losses add up to the minibatch's
             total: dict[str, torch.Tensor] = {}
             for part in rows.split(micro_batch or rows.numel()):
                 share = part.numel() / rows.numel()
                 with autocast:  # padding costs little: score sizes its sequence by the valid steps
-                    out = loss_fn(batch[part])
+                    out = loss_fn(batch[part]) if totals is None else loss_fn(batch[part], totals)
                 loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-                ((1.0 if summed else share) * loss).backward()
+                ((1.0 if exact else share) * loss).backward()
                 for k, v in out.items():
-                    w = 1.0 if summed and k.startswith("loss_") else share
+                    w = 1.0 if exact and k.startswith("loss_") else share
                     total[k] = total.get(k, 0.0) + w * v.detach().float()
+            if parallel is not None and parallel.world_size > 1:
+                all_sum_gradients(list(policy.parameters()), parallel, mean=not exact)
+                keys = list(total)
+                joined = parallel.all_sum(torch.stack([total[k].float().reshape(()) for k in keys]))
+                for k, v in zip(keys, joined):
+                    total[k] = v if exact and k.startswith("loss_") else v / parallel.world_size
             total["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm or math.inf)
             optimizer.step()
             records.append(TensorDict(total, batch_size=[]))
@@ -485,11 +579,27 @@ def score_rollouts(policy: AutoGazePolicy, batch: TensorDict, temperature: float
     )
 
 
-def grpo_loss(policy: AutoGazePolicy, batch: TensorDict, cfg: GRPOConfig) -> TensorDict:
+def grpo_totals(batch: TensorDict, cfg: GRPOConfig, stop_id: int) -> dict[str, torch.Tensor]:
+    """The normalisers of :func:`grpo_loss` on ``batch``: ``gaze`` (policy-gradient terms) and
+    ``pred`` (loss head), see :func:`aggregate_count`. Summed over the parts of a larger batch
+    and passed as ``totals``, the parts' losses add up to the larger batch's loss."""
+    gaze = batch["valid"] & (batch["action"] != stop_id)
+    return {
+        "gaze": aggregate_count(gaze, cfg.aggregation),
+        "pred": aggregate_count(loss_pred_mask(batch, cfg.loss_pred_steps), cfg.aggregation),
+    }
+
+
+def grpo_loss(
+    policy: AutoGazePolicy, batch: TensorDict, cfg: GRPOConfig, totals: dict[str, torch.Tensor] | None = None
+) -> TensorDict:
     """GRPO loss of a batch of rollouts with ``advantage`` (and ``ref_log_prob`` for the KL term):
     one teacher-forced pass at the rollouts' temperature (:func:`score_rollouts`). Returns
     ``loss_objective``, ``loss_pred`` (and ``loss_kl``) plus diagnostics (``ratio``,
-    ``clip_fraction``, ``approx_kl``, ``advantage_abs``, ``entropy``, ``loss_pred_abs_err``)."""
+    ``clip_fraction``, ``approx_kl``, ``advantage_abs``, ``entropy``, ``loss_pred_abs_err``).
+    ``totals``: :func:`grpo_totals` of a larger batch this one is part of (the losses are then
+    this part's share)."""
+    totals = totals or {}
     scored = score_rollouts(policy, batch, float(batch["temperature"][0]))
     gaze = batch["valid"] & (batch["action"] != policy.config.stop_id)  # STOP comes from the stop rule
     out = policy_gradient_loss(
@@ -501,6 +611,7 @@ def grpo_loss(policy: AutoGazePolicy, batch: TensorDict, cfg: GRPOConfig) -> Ten
         ref_log_prob=batch.get("ref_log_prob", None),
         kl_coef=cfg.kl_coef,
         aggregation=cfg.aggregation,
+        total=totals.get("gaze"),
     )
     out.update(
         loss_prediction_loss(
@@ -509,6 +620,7 @@ def grpo_loss(policy: AutoGazePolicy, batch: TensorDict, cfg: GRPOConfig) -> Ten
             loss_pred_mask(batch, cfg.loss_pred_steps),
             coef=cfg.loss_pred_coef,
             aggregation=cfg.aggregation,
+            total=totals.get("pred"),
         )
     )
     out["entropy"] = aggregate(scored["entropy"].detach(), gaze, "token")
@@ -523,9 +635,11 @@ def grpo_update(
     *,
     ref_policy: AutoGazePolicy | None = None,
     generator: torch.Generator | None = None,
+    parallel: DataParallel | None = None,
 ) -> TensorDict:
     """Optimise ``grpo_loss`` on a batch with advantages (``epochs`` x ``minibatches`` steps);
-    ``ref_policy`` (frozen) scores the batch once for the KL term. Returns mean diagnostics."""
+    ``ref_policy`` (frozen) scores the batch once for the KL term; ``parallel``: this process's
+    share of a multi-process batch (see :func:`minibatch_update`). Returns mean diagnostics."""
     if ref_policy is not None and cfg.kl_coef:
         with torch.no_grad():
             batch["ref_log_prob"] = score_rollouts(ref_policy, batch, float(batch["temperature"][0]))["log_prob"]
@@ -533,7 +647,7 @@ def grpo_update(
         policy,
         optimizer,
         batch,
-        lambda mb: grpo_loss(policy, mb, cfg),
+        lambda mb, totals: grpo_loss(policy, mb, cfg, totals),
         group_size=cfg.group_size,
         epochs=cfg.epochs,
         minibatches=cfg.minibatches,
@@ -542,6 +656,8 @@ def grpo_update(
         summed=cfg.aggregation == "sum",
         amp=cfg.amp,
         generator=generator,
+        totals_fn=lambda mb: grpo_totals(mb, cfg, policy.config.stop_id),
+        parallel=parallel,
     )
 
 
@@ -554,13 +670,19 @@ def grpo_step(
     cfg: GRPOConfig,
     *,
     temperature: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     ref_policy: AutoGazePolicy | None = None,
     engine: RolloutEngine | None = None,
+    parallel: DataParallel | None = None,
 ) -> TensorDict:
     """One GRPO iteration on ``n`` clips ``video`` (n, T, 3, H, W) uint8: group budgets, ``n * G``
     rollouts at ``temperature`` (generated by ``engine``, default ``AutoGazePolicy.generate``),
     advantages, update.
+
+    ``generator``: one for the whole batch, or one per clip (each clip's group is then rolled out
+    on its own, its draws independent of the other clips: what makes a multi-process run equal
+    the single-process one). ``parallel``: this process's clips are its share of a multi-process
+    batch (see :func:`minibatch_update`).
 
     Returns a TensorDict of the ``loss_*`` entries and diagnostics (see :func:`grpo_loss`,
     :func:`trajectory_stats`), ``temperature``, ``episodes`` and the seconds spent in
@@ -568,16 +690,24 @@ def grpo_step(
     ``time_replay`` (environment and reward) and ``time_update``.
     """
     timings: dict[str, float] = {}
-    start = device_clock(video.device)
-    budgets = group_budgets(policy, params, video, cfg.budgets, generator, engine)
-    timings["budgets"] = device_clock(video.device) - start
-    batch = collect(
-        policy, params, reward_fn, video, budgets, cfg.group_size, temperature=temperature, generator=generator,
-        timings=timings, engine=engine,
-    )
+    per_clip = not isinstance(generator, torch.Generator)
+    if per_clip and len(generator) != video.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {video.shape[0]} clips: pass one per clip or one in all")
+    parts = []
+    groups = zip(video.split(1), generator) if per_clip else [(video, generator)]
+    for clips, gen in groups:
+        start = device_clock(video.device)
+        budgets = group_budgets(policy, params, clips, cfg.budgets, gen, engine)
+        timings["budgets"] = timings.get("budgets", 0.0) + device_clock(video.device) - start
+        parts.append(collect(
+            policy, params, reward_fn, clips, budgets, cfg.group_size, temperature=temperature, generator=gen,
+            timings=timings, engine=engine,
+        ))
+    batch = cat_rollouts(parts, cfg.group_size, policy.config.stop_id)
     grpo_advantage(batch, cfg)
     start = device_clock(video.device)
-    out = grpo_update(policy, optimizer, batch, cfg, ref_policy=ref_policy, generator=generator)
+    shuffle = generator[0] if per_clip else generator
+    out = grpo_update(policy, optimizer, batch, cfg, ref_policy=ref_policy, generator=shuffle, parallel=parallel)
     timings["update"] = device_clock(video.device) - start
     out.update(trajectory_stats(batch, policy.config.num_patches))
     out["temperature"] = float(temperature)

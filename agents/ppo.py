@@ -34,6 +34,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
 
 from agents.grpo import (
+    DataParallel,
     GroupBudgets,
     LossPredSteps,
     collect,
@@ -193,10 +194,13 @@ def ppo_step(
     temperature: float,
     generator: torch.Generator,
     loss_module: ClipPPOLoss | None = None,
+    parallel: DataParallel | None = None,
 ) -> TensorDict:
     """One PPO iteration on ``n`` clips ``video`` (n, T, 3, H, W) uint8 with a policy that has a
     value head: group budgets, ``n * group_size`` rollouts, GAE, clipped updates. Returns the
-    ``loss_*`` entries, diagnostics and timings like :func:`agents.grpo.grpo_step`."""
+    ``loss_*`` entries, diagnostics and timings like :func:`agents.grpo.grpo_step`.
+    ``parallel``: this process's clips are its share of a multi-process batch (gradients averaged
+    over the processes, see :func:`agents.grpo.minibatch_update`)."""
     if policy.value_head is None:
         raise ValueError("PPO needs a policy with a value head: use agents.ppo.with_value_head(policy)")
     loss_module = loss_module if loss_module is not None else make_loss_module(cfg).to(video.device)
@@ -222,6 +226,7 @@ def ppo_step(
         micro_batch=cfg.micro_batch,
         amp=cfg.amp,
         generator=generator,
+        parallel=parallel,
     )
     timings["update"] = device_clock(video.device) - start
     out.update(trajectory_stats(batch, policy.config.num_patches))

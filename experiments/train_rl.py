@@ -56,7 +56,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import Baseline, make_baseline, run_episodes
-from agents.grpo import GroupBudgets, GRPOConfig, annealed_temperature, grpo_step
+from agents.grpo import DataParallel, GroupBudgets, GRPOConfig, annealed_temperature, grpo_step
 from agents.policy import AutoGazePolicy
 from agents.ppo import PPOConfig, make_loss_module, ppo_step, with_value_head
 from agents.rollout import RolloutEngine, rollout
@@ -70,6 +70,7 @@ from experiments.common import (
     resolve_device,
     seed_everything,
 )
+from experiments.distributed import Dist, abort, cleanup, setup
 from experiments.prepare_data import default_data
 from experiments.training import (
     EpochSampler,
@@ -90,7 +91,7 @@ from gaze_env.video import SyntheticSource, VideoSource
 
 RUN_ONLY_FIELDS = frozenset(
     {"resume", "stop_at", "progress", "eval_interval", "ckpt_interval", "keep_checkpoints", "device", "threads", "out",
-     "eval_clips", "eval_batch_size", "eval_ratios", "eval_threshold", "sweep_ratios", "compare"}
+     "eval_clips", "eval_batch_size", "eval_ratios", "eval_threshold", "sweep_ratios", "compare", "dist_timeout"}
 )
 """Fields a resumed run may change: they do not change the training math."""
 
@@ -135,7 +136,8 @@ class TrainRLConfig:
     steps: int = 48
     """RL iterations (each: --clips-per-step clips x --group-size rollouts and one update)."""
     clips_per_step: int = 4
-    """Clips per iteration."""
+    """Clips per iteration: the global batch, over all processes under torchrun (each rolls out
+    clips-per-step / processes whole groups)."""
     lr: float = 2e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -225,7 +227,16 @@ class TrainRLConfig:
     """CPU threads of torch: these models are small and decoding is a loop of small ops, where more
     threads mostly wait on each other (2 threads measured 7x slower than 1 on a busy 2-core box)."""
     seed: int = 0
-    """Seeds the data order, the rollouts and (PPO) the value head."""
+    """Seeds the data order, the rollouts and (PPO) the value head (under torchrun, process r
+    rolls out from seed + 1000003 r, unless --clip-seeds)."""
+    clip_seeds: bool = False
+    """GRPO: roll out each clip's group from its own generator, seeded by (seed, step, the clip's
+    place in the step's batch), so that the run does not depend on how the clips are spread over
+    processes: any number of processes gives the single-process result. Costs one rollout call
+    per clip instead of one per step."""
+    dist_timeout: float = 60.0
+    """Under torchrun: minutes a process waits in a collective (the others wait while rank 0
+    evaluates)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     # ---- benchmark
@@ -251,6 +262,10 @@ class TrainRLConfig:
             raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.clip_seeds and self.algo != "grpo":
+            raise ValueError("--clip-seeds is for --algo grpo")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout}")
 
     def get(self, name: str):
         """A field, with the algorithm's default when it is none (see ALGO_DEFAULTS)."""
@@ -483,18 +498,42 @@ def _export(policy: AutoGazePolicy, folder: Path, info: dict) -> Path:
 
 
 def train(cfg: TrainRLConfig) -> dict:
-    """Run (or resume) RL fine-tuning; returns the results written to ``<out>/results.json``."""
+    """Run (or resume) RL fine-tuning; returns the results written to ``<out>/results.json``.
+    Under ``torchrun`` every process runs this (``experiments.distributed``): each rolls out its
+    share of the step's clips (whole groups), gradients are summed over the processes, rank 0
+    alone evaluates and writes."""
+    d = setup(cfg.device, cfg.dist_timeout)
+    try:
+        results = _train(cfg, d)
+    except BaseException:
+        abort(d)
+        raise
+    cleanup(d)
+    return results
+
+
+def _clip_generators(cfg: TrainRLConfig, d: Dist, step: int, device: torch.device) -> list[torch.Generator]:
+    """--clip-seeds: one generator per clip of this rank's share of the step's batch, seeded by
+    (seed, step, the clip's place in the global batch)."""
+    n = d.per_rank(cfg.clips_per_step, what="clips per step")
+    places = range(d.rank * n, (d.rank + 1) * n)
+    return [torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 10_007 + j) for j in places]
+
+
+def _train(cfg: TrainRLConfig, d: Dist) -> dict:
     start_time = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = d.device
     out = cfg.out_dir
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out}, starting from the initial policy")
+        d.print(f"--resume: no checkpoint in {out}, starting from the initial policy")
     if not cfg.resume and (latest_checkpoint(out) is not None or (out / "final").exists()):
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or pick another --out")
+    d.per_rank(cfg.clips_per_step, what="clips per step")  # fail early when it does not divide
 
-    generator = seed_everything(cfg.seed, device)
+    seed_everything(cfg.seed, device)  # the same initial policy (and PPO value head) on every rank
     policy = load_init(cfg, device)
+    generator = torch.Generator(device).manual_seed(d.rank_seed(cfg.seed))  # this rank's rollouts
     algo_cfg = cfg.algo_config()
     built, built_eval = env_for(cfg), env_for(cfg, training=False)
     if cfg.algo == "grpo" and getattr(built.params.reconstructor, "end_frame", None) is not None:
@@ -503,7 +542,7 @@ def train(cfg: TrainRLConfig) -> dict:
     scheduler = cosine_schedule(optimizer, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
     train_src, val_src = sources(cfg)
     sampler = EpochSampler(len(train_src), cfg.clips_per_step, seed=cfg.seed)
-    rl_step = make_rl_step(cfg, algo_cfg, policy, optimizer, built, generator)
+    rl_step = make_rl_step(cfg, algo_cfg, policy, optimizer, built, generator, parallel=d if d.enabled else None)
     step = 0
     run_config = {"policy": asdict(policy.config), "train": config_dict(cfg), "init": str(cfg.init_dir)}
     if ckpt is not None:
@@ -512,52 +551,60 @@ def train(cfg: TrainRLConfig) -> dict:
         state = restore_train_state(loaded.train_state, optimizer, scheduler, {"rollouts": generator})
         sampler.load_state_dict(state["data_position"])
         step = state["step"]
-        print(f"resumed {ckpt} at step {step}")
+        if d.rank > 0:  # the checkpoint holds rank 0's generator: the others draw afresh
+            generator.manual_seed(d.rank_seed(cfg.seed) * 1_000_033 + step)
+        d.print(f"resumed {ckpt} at step {step}")
 
     video_eval = val_src.clips(range(min(cfg.eval_clips, len(val_src))))
-    print(f"{cfg.algo} from {cfg.init_dir or 'a random policy'}: {policy.num_parameters:,} parameters; "
+    d.print(f"{cfg.algo} from {cfg.init_dir or 'a random policy'}: {policy.num_parameters:,} parameters; "
           f"{cfg.steps} steps of {cfg.clips_per_step} clips x {algo_cfg.group_size} rollouts; "
-          f"eval on {video_eval.shape[0]} held-out clips")
+          f"eval on {video_eval.shape[0]} held-out clips; {d.world_size} process(es)")
     stop_at = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
     history: list[dict] = []
 
     def checkpoint() -> None:
-        train_state = make_train_state(step, optimizer, scheduler, {"rollouts": generator}, sampler.state_dict())
-        save_checkpoint(step_dir(out, step), policy, run_config, train_state)
-        prune_checkpoints(out, cfg.keep_checkpoints)
+        if d.is_main:
+            train_state = make_train_state(step, optimizer, scheduler, {"rollouts": generator}, sampler.state_dict())
+            save_checkpoint(step_dir(out, step), policy, run_config, train_state)
+            prune_checkpoints(out, cfg.keep_checkpoints)
 
-    def quick_eval() -> dict[str, float]:
+    def quick_eval() -> dict[str, float]:  # rank 0 (the others wait at their next update)
         metrics = evaluate(policy, built_eval, video_eval, cfg, sweep=False)
         logger.log("eval", metrics, step)
         history.append({"step": step, **metrics})
         return metrics
 
-    with Logger(out / "tb", purge_step=step if ckpt is not None else None) as logger:
-        if ckpt is None:
+    with Logger(out / "tb" if d.is_main else None, purge_step=step if ckpt is not None else None) as logger:
+        if ckpt is None and d.is_main:
             logger.text("config", f"```\n{json.dumps(run_config, indent=2)}\n```")
             if cfg.eval_interval:
                 quick_eval()
-        bar = progress(cfg.steps, initial=step, desc=f"{cfg.algo} {cfg.preset}", enabled=cfg.progress)
+        bar = progress(cfg.steps, initial=step, desc=f"{cfg.algo} {cfg.preset}", enabled=cfg.progress and d.is_main)
         while step < stop_at:
             temperature = annealed_temperature(step / max(1, cfg.steps - 1), cfg.temperature_start, cfg.temperature_end)
-            video = train_src.clips(sampler.next_batch()).to(device)
-            td = rl_step(video, temperature)
+            (mine,) = d.split(sampler.next_batch())  # this rank's clips: whole groups
+            video = train_src.clips(mine).to(device)
+            gens = _clip_generators(cfg, d, step, device) if cfg.clip_seeds else None
+            td = rl_step(video, temperature, gens)
             scheduler.step()
             step += 1
-            values = {k: float(v) for k, v in td.items()}
+            values = d.all_mean({k: float(v) for k, v in td.items()})  # loss_* are global already
+            values["episodes"] = values["episodes"] * d.world_size
             logger.log("losses", {k.removeprefix("loss_"): v for k, v in values.items() if k.startswith("loss_")}, step)
             logger.log("charts", {"lr": optimizer.param_groups[0]["lr"],
                                   **{k: v for k, v in values.items() if not k.startswith("loss_")}}, step)
             bar.update(1)
             bar.set_postfix(frame_loss=f"{values['frame_loss']:.4f}", T=f"{temperature:.2f}")
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps:
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.steps and d.is_main:
                 metrics = quick_eval()
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == stop_at:
                 checkpoint()
         bar.close()
         if step < cfg.steps:
-            print(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with --resume")
+            d.print(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with --resume")
+            return {"step": step, "steps": cfg.steps}
+        if not d.is_main:  # rank 0 evaluates and writes the results
             return {"step": step, "steps": cfg.steps}
         train_seconds = time.perf_counter() - start_time
         rows = {f"rl ({cfg.algo})": evaluate(policy, built_eval, video_eval, cfg, sweep=True)}
@@ -599,25 +646,29 @@ def make_rl_step(
     optimizer: torch.optim.Optimizer,
     built: Built,
     generator: torch.Generator,
-) -> Callable[[torch.Tensor, float], TensorDict]:
-    """One iteration of the configured algorithm: ``step(video, temperature) -> TensorDict`` of
-    losses, diagnostics and timings. GRPO with ``--kl-coef`` keeps a frozen copy of the initial
-    policy as the KL reference; its rollouts run on a ``RolloutEngine`` (on CUDA the static
-    generator's CUDA graphs, captured on first use; with --amp a bf16 copy of the policy)."""
+    parallel: DataParallel | None = None,
+) -> Callable[..., TensorDict]:
+    """One iteration of the configured algorithm: ``step(video, temperature, generators=None) ->
+    TensorDict`` of losses, diagnostics and timings (``generators``: GRPO, one per clip instead of
+    ``generator``; ``parallel``: this process's share of a multi-process batch). GRPO with
+    ``--kl-coef`` keeps a frozen copy of the initial policy as the KL reference; its rollouts run
+    on a ``RolloutEngine`` (on CUDA the static generator's CUDA graphs, captured on first use;
+    with --amp a bf16 copy of the policy)."""
     if cfg.algo == "ppo":
         loss_module = make_loss_module(algo_cfg).to(policy.device)
-        return lambda video, temperature: ppo_step(
+        return lambda video, temperature, generators=None: ppo_step(
             policy, optimizer, built.params, built.reward, video, algo_cfg, temperature=temperature,
-            generator=generator, loss_module=loss_module,
+            generator=generator, loss_module=loss_module, parallel=parallel,
         )
     ref_policy = None
     if cfg.kl_coef:
         ref_policy = deepcopy(policy).eval().requires_grad_(False)
     # --amp: the rollouts too run in bf16 (a bf16 copy of the policy, refreshed every call)
     engine = RolloutEngine(dtype=torch.bfloat16 if cfg.amp and policy.device.type == "cuda" else None)
-    return lambda video, temperature: grpo_step(
+    return lambda video, temperature, generators=None: grpo_step(
         policy, optimizer, built.params, built.reward, video, algo_cfg, temperature=temperature,
-        generator=generator, ref_policy=ref_policy, engine=engine,
+        generator=generator if generators is None else generators, ref_policy=ref_policy, engine=engine,
+        parallel=parallel,
     )
 
 

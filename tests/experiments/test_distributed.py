@@ -134,3 +134,34 @@ def test_train_recon__runs_under_two_gloo_processes_with_rank_0_writing(data, tm
     assert (run / "final").is_dir() and (run / "step_00000002").is_dir()
     assert len(list((run / "tb").iterdir())) == 1  # one writer
     assert load_checkpoint(run / "final").train_state["step"] == 2
+
+
+def rl_args(data, init: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"--videos={data[0]}", f"--init={init}", f"--out={out}", "--steps=3", "--clips-per-step=4",
+        "--group-size=3", "--budgets=fixed", "--gazing-ratio=0.06", "--clip-seeds", "--aggregation=token",
+        "--micro-batch=3", "--eval-clips=2", "--eval-ratios=0.06", "--sweep-ratios=0.06", "--eval-interval=0",
+        "--ckpt-interval=2", "--no-compare", "--lr=1e-3", "--no-progress", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_train_rl__grpo_on_two_gloo_processes_equals_one_process(data, tmp_path):
+    from agents.policy import AutoGazePolicy
+    from experiments.train_rl import main
+
+    torch.manual_seed(0)
+    init = tmp_path / "bc"
+    AutoGazePolicy.from_preset("tiny").save_pretrained(init)
+    single = main(rl_args(data, init, tmp_path / "single"))
+    run = torchrun(2, "experiments.train_rl", rl_args(data, init, tmp_path / "pair"))
+    a, b = weights(tmp_path / "single" / "final"), weights(tmp_path / "pair" / "final")
+    assert_close(a, b)
+    start = weights(init)
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # it trained
+    assert run.stdout.count("final policy:") == 1 and len(list((tmp_path / "pair" / "tb").iterdir())) == 1
+    assert single["step"] == 3
+
+    # without --clip-seeds each process draws from its own seed: a different (equally valid) run
+    torchrun(2, "experiments.train_rl", [a for a in rl_args(data, init, tmp_path / "own") if a != "--clip-seeds"])
+    assert (tmp_path / "own" / "final").is_dir()
