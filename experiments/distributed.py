@@ -41,7 +41,7 @@ from torch import nn
 
 from experiments.common import resolve_device
 
-__all__ = ["Dist", "LossModule", "abort", "cleanup", "launched_by_torchrun", "setup"]
+__all__ = ["Dist", "LossModule", "abort", "cleanup", "is_main_process", "launched_by_torchrun", "setup"]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -49,6 +49,11 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 def launched_by_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` (it sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
     return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process outside torchrun (what prints a run's summary)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ class Dist:
     @property
     def backend(self) -> str | None:
         return dist.get_backend() if self.enabled else None
+
+    def describe(self) -> str:
+        """E.g. ``2 processes (gloo, cpu)`` or ``1 process (nccl, cuda:0)``: for the start-up line."""
+        n = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        return f"{n} ({self.backend or 'no process group'}, {self.device})"
 
     def rank_seed(self, seed: int) -> int:
         """A seed for what each rank draws on its own (different per rank, rank 0 keeps ``seed``)."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from experiments.common import clip_source, config_dict, parse_config
-from experiments.distributed import Dist, LossModule, abort, cleanup, setup
+from experiments.distributed import Dist, LossModule, abort, cleanup, is_main_process, setup
 from experiments.prepare_data import default_data
 from experiments.training import (
     EpochSampler,
@@ -453,6 +453,8 @@ def _train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | Non
             for p in [run_dir / "final", run_dir / "tb", *run_dir.glob("step_*")]:
                 shutil.rmtree(p, ignore_errors=True)
     ddp = d.wrap(LossModule(model, mae_loss))  # ddp(video, gazed, frames, loss) = mae_loss(model, ...)
+    d.print(f"train_recon {cfg.preset}/{cfg.size}: {model.num_parameters():,} parameters; {cfg.steps} steps of "
+            f"{cfg.batch_size} clips; {d.describe()}")
 
     meta = {**model.checkpoint_config(), "train": config_dict(cfg)}
 
@@ -548,6 +550,8 @@ def _held_out(model: BlockCausalMAE, video: torch.Tensor, seed: int) -> dict[str
 def main(argv: list[str] | None = None) -> TrainResult:
     cfg = parse_config(TrainReconConfig, argv, __doc__)
     result = train(cfg)
+    if not is_main_process():  # under torchrun rank 0 prints the summary
+        return result
     losses = list(result.losses.values())
     tail = losses[-50:]
     print(f"run: {result.run_dir}  steps this call: {len(losses)}  wall: {result.seconds:.0f} s")

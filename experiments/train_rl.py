@@ -558,7 +558,7 @@ def _train(cfg: TrainRLConfig, d: Dist) -> dict:
     video_eval = val_src.clips(range(min(cfg.eval_clips, len(val_src))))
     d.print(f"{cfg.algo} from {cfg.init_dir or 'a random policy'}: {policy.num_parameters:,} parameters; "
           f"{cfg.steps} steps of {cfg.clips_per_step} clips x {algo_cfg.group_size} rollouts; "
-          f"eval on {video_eval.shape[0]} held-out clips; {d.world_size} process(es)")
+          f"eval on {video_eval.shape[0]} held-out clips; {d.describe()}")
     stop_at = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
     history: list[dict] = []
 
