@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -152,6 +153,9 @@ class Dist:
         if not self.enabled:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
+        # a (1, n) parameter's gradient comes back with strides (1, 1), its bucket view's are (n, 1): the
+        # same memory order, which the reducer's stride check does not see (it says so: "not an error")
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
 
     @contextlib.contextmanager
