@@ -284,10 +284,35 @@ def static_step_unsupported(params: CoreParams) -> str | None:
 
 
 def frame_end_capacity(config: GazeEnvConfig, batch_size: int) -> int:
-    """Default rows per ``StaticStep.frame_ends`` call: twice the rows expected to end a frame per
+    """Default largest pass of ``StaticStep.frame_ends``: twice the rows expected to end a frame per
     step once episodes drift apart (``B / budget``), at least 8, at most ``B``. More rows than that
-    (episodes ending frames in lockstep) take more calls."""
+    (episodes ending frames in lockstep) take more passes."""
     return max(1, min(batch_size, max(8, math.ceil(2 * batch_size / min(config.budgets)))))
+
+
+def pass_sizes(capacity: int) -> tuple[int, ...]:
+    """The pass sizes of ``StaticStep.frame_ends``: ``capacity``, then a quarter of it, and so on
+    down to 1 (a pass costs its size whatever number of its rows moved)."""
+    sizes = [capacity]
+    while sizes[-1] > 1:
+        sizes.append(math.ceil(sizes[-1] / 4))
+    return tuple(sizes)
+
+
+def plan_passes(moved: int, sizes: tuple[int, ...]) -> list[int]:
+    """Pass sizes (from ``sizes``, descending) that cover ``moved`` rows, wasting at most half of
+    each pass: the smallest size holding the rest when that is at most twice the rest, else the
+    largest size under it."""
+    plan, left = [], moved
+    while left > 0:
+        holding = [s for s in sizes if s >= left]
+        if holding and holding[-1] <= 2 * left:
+            take = holding[-1]
+        else:
+            take = next((s for s in sizes if s <= left), sizes[-1])
+        plan.append(take)
+        left -= take
+    return plan
 
 
 class StaticStep:
@@ -305,15 +330,17 @@ class StaticStep:
       ``invalid_action_message`` on the untouched state.
     - The frame-end work (the new frame's scale views, rescoring the carried canvas) is for the rows
       that moved to a new frame, a data-dependent set: ``run()`` orders those rows first in ``order``
-      and counts them in ``flags[1]``; ``frame_ends()`` does the work for the ``capacity`` moved rows
-      from ``offset`` on (the other rows of its fixed-size slice write back what they read). The
-      caller runs it ``ceil(flags[1] / capacity)`` times with ``offset = 0, capacity, ...``.
+      and counts them in ``flags[1]``; ``frame_ends(size)`` does the work for the ``size`` moved rows
+      from ``offset`` on (the other rows of its fixed-size slice write back what they read), ``size``
+      one of ``sizes``. The caller runs the passes ``plan_passes(flags[1], sizes)``, advancing
+      ``offset`` by each pass's size.
     - ``flags[2]`` counts the episodes that terminated.
 
     Args:
         state: the batch it steps (its tensors are read and written in place, never replaced).
         validate: gate the step on every action being valid (see above).
-        capacity: rows per ``frame_ends`` call (default ``frame_end_capacity``).
+        capacity: the largest ``frame_ends`` pass (default ``frame_end_capacity``); ``sizes`` are
+            ``pass_sizes(capacity)``.
         frame_out, canvas_out: optional (B, 3, H, W) uint8 observation buffers kept equal to the
             current frame and to the canvas (written only where they change).
     """
@@ -336,13 +363,14 @@ class StaticStep:
         if not 1 <= C <= B:
             raise ValueError(f"capacity must lie in [1, B={B}], got {C}")
         self.params, self.state, self.validate, self.capacity = params, state, bool(validate), C
+        self.sizes = pass_sizes(C)
         self.frame_out, self.canvas_out = frame_out, canvas_out
         self.action = torch.full((B,), params.config.grid.num_patches, dtype=torch.int64, device=device)  # input
         self.flags = torch.zeros(3, dtype=torch.int64, device=device)  # all valid, rows moved, rows terminated
         self.order = torch.arange(B, device=device)  # (B,) moved rows first
         self.offset = torch.zeros((), dtype=torch.int64, device=device)  # input of frame_ends
         self._rows = torch.arange(B, device=device)
-        self._slots = torch.arange(C, device=device)
+        self._slots = {size: torch.arange(size, device=device) for size in self.sizes}
         self._delta = torch.zeros(B, dtype=torch.float64, device=device)
         flag = lambda: torch.zeros(B, dtype=torch.bool, device=device)  # noqa: E731
         real = lambda: torch.zeros(B, dtype=torch.float32, device=device)  # noqa: E731
@@ -407,13 +435,13 @@ class StaticStep:
         self.order.scatter_(0, position, b)
         self.flags.copy_(torch.stack([go.long(), n_moved, terminated.long().sum()]))
 
-    def frame_ends(self) -> None:
-        """The frame-end work of the moved rows ``order[offset : offset + capacity]`` (those before
-        ``flags[1]``): their new frame's views, the carried canvas rescored, ``frame_start_loss``,
-        ``next_start_loss`` and ``frame_out``."""
+    def frame_ends(self, size: int | None = None) -> None:
+        """The frame-end work of the moved rows ``order[offset : offset + size]`` (those before
+        ``flags[1]``; ``size`` one of ``sizes``, default ``capacity``): their new frame's views, the
+        carried canvas rescored, ``frame_start_loss``, ``next_start_loss`` and ``frame_out``."""
         params, state, tr = self.params, self.state, self.transition
         B, T = state.batch_size, state.num_frames
-        slots = self.offset + self._slots  # (C,)
+        slots = self.offset + self._slots[self.capacity if size is None else size]  # (C,)
         valid = slots < self.flags[1]  # (C,) bool: a moved row
         rows = self.order[slots % B]  # (C,) distinct rows (C <= B); past the moved ones, unmoved rows
         t = state.t[rows].clamp(max=T - 1)  # (C,)

@@ -16,7 +16,8 @@ Step modes (the front-ends' ``step_mode`` argument):
 
 A step of ``StepRunner`` copies the actions in, replays the step graph, reads back three
 counters (the one host sync: were all actions valid, how many rows moved to a new frame, how many
-episodes ended) and replays the frame-end graph once per ``capacity`` moved rows. Observations,
+episodes ended) and replays frame-end graphs of fixed sizes (``core.pass_sizes``) until they
+covered the moved rows (``core.plan_passes``). Observations,
 infos and the built-in rewards are written by the graphs into tensors the runner owns and reuses
 every step (``obs``, ``info``, ``reward``): the ``frame`` buffer changes only in the rows that
 moved to a new frame, the ``canvas`` buffer only where a gaze pasted. The front-ends hand these
@@ -26,8 +27,9 @@ what you keep) and copy them where it does not (numpy observations, TorchRL tens
 
 from __future__ import annotations
 
-import math
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -82,7 +84,7 @@ class StepRunner:
         reward_fn: the env's reward.
         validate: a batch with an invalid action raises ``ValueError`` and changes nothing.
         capture: capture CUDA graphs (``state`` on CUDA); False runs the same code op by op.
-        capacity: rows per frame-end pass (default ``core.frame_end_capacity``).
+        capacity: rows of the largest frame-end pass (default ``core.frame_end_capacity``).
     """
 
     def __init__(
@@ -126,7 +128,7 @@ class StepRunner:
             canvas_out=self.obs["canvas"],
         )
         self._pointers = _pointers(state)
-        self._graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
+        self._graphs: dict[int | str, torch.cuda.CUDAGraph] | None = None  # "step" and one per pass size
         self.refresh()
         if capture:
             self._capture()
@@ -151,19 +153,21 @@ class StepRunner:
         static = self.static
         static.action.copy_(action)
         if self._graphs is not None:
-            self._graphs[0].replay()
+            self._graphs["step"].replay()
         else:
             self._step_fn()
         ok, moved, terminated = static.flags.tolist()  # the step's one host sync
         if not ok:
             message = core.invalid_action_message(self.params, self.state, static.action)
             raise ValueError(message or "invalid action")
-        for chunk in range(math.ceil(moved / static.capacity)):
-            static.offset.fill_(chunk * static.capacity)
+        offset = 0
+        for size in core.plan_passes(moved, static.sizes):
+            static.offset.fill_(offset)
             if self._graphs is not None:
-                self._graphs[1].replay()
+                self._graphs[size].replay()
             else:
-                self._frame_end_fn()
+                self._frame_end_fn(size)
+            offset += size
         self.num_terminated = int(terminated)
         return static.transition
 
@@ -192,16 +196,16 @@ class StepRunner:
         if self.reward is not None:
             self.reward.copy_(self.reward_fn(self.static.transition).float())
 
-    def _frame_end_fn(self) -> None:
-        self.static.frame_ends()
+    def _frame_end_fn(self, size: int) -> None:
+        self.static.frame_ends(size)
         self.info["loss"].copy_(self.state.loss)  # the moved rows were rescored
 
     def _capture(self) -> None:
-        """Capture ``_step_fn`` and ``_frame_end_fn`` as CUDA graphs. A warm-up on a copy of two
-        rows first compiles and loads the CuPy kernels and caches the device tables (capture
-        records kernels; it must not compile, allocate through CuPy or copy from the host); the real
-        state is not touched until the first replay. Falls back to op-by-op steps, with a warning,
-        if the capture fails."""
+        """Capture ``_step_fn`` and ``_frame_end_fn`` (one graph per pass size) as CUDA graphs. A
+        warm-up on a copy of two rows first compiles and loads the CuPy kernels, checks them and
+        caches the device tables and streams (capture records kernels; it must not compile, create
+        streams or copy from the host); the real state is not touched until the first replay. Falls
+        back to op-by-op steps, with a warning, if the capture fails."""
         device = self.state.device
         scratch_rows = min(2, self.state.batch_size)
         scratch = StepRunner(
@@ -216,17 +220,19 @@ class StepRunner:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             scratch._step_fn()
-            scratch._frame_end_fn()
+            scratch._frame_end_fn(1)
         torch.cuda.current_stream(device).wait_stream(side)
         del scratch
+        functions: dict[int | str, Callable[[], None]] = {"step": self._step_fn}
+        functions.update({size: functools.partial(self._frame_end_fn, size) for size in self.static.sizes})
         try:
-            graphs = []
-            for fn in (self._step_fn, self._frame_end_fn):
+            graphs = {}
+            for key, fn in functions.items():
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     fn()
-                graphs.append(graph)
+                graphs[key] = graph
         except RuntimeError as e:
             warnings.warn(f"CUDA graph capture failed, stepping op by op instead: {e}", stacklevel=3)
             return
-        self._graphs = (graphs[0], graphs[1])
+        self._graphs = graphs

@@ -7,10 +7,13 @@
   Reference: ``rewards.reconstruct.paste_gaze``; the canvas and level map are bit-identical to it,
   the per-element error changes too, and the delta is their float64 sum.
 - ``write_views`` stores the scale views of the frames that rows moved to (the frame-end work of
-  ``PasteReconstructor.begin_frame_static``): torch resizes as ``PatchGrid.scale_views`` does, one
-  kernel per scale rounds, clamps and converts to uint8 straight into the rows of
-  ``state.aux["views"]`` (the reference's ``round_`` / ``clamp_`` / ``to`` / ``stack`` passes and
-  the masked write-back become one pass). Reference: ``PatchGrid.scale_views``, bit-identical.
+  ``PasteReconstructor.begin_frame_static``): torch's antialiased downsizing as
+  ``PatchGrid.scale_views`` does it, then one kernel per scale upsizes (torch's bilinear formula,
+  checked bit for bit against torch at run time), rounds, clamps and converts to uint8 straight
+  into the rows of ``state.aux["views"]``: the reference's float upsized copy and its ``round_`` /
+  ``clamp_`` / ``to`` / ``stack`` passes and the masked write-back become one pass. torch's own
+  upsizing kernel loops over the batch in each thread, so it was also the slowest part of a frame
+  end. Reference: ``PatchGrid.scale_views``, bit-identical.
 - ``frame_error`` sums the l1 / mse pixel error of whole frames against canvas rows (rescoring at
   frame starts) in one pass over the uint8 pixels, per-block float64 partial sums added by torch.
   Reference: ``pixel_error(target / 255, canvas / 255)`` summed in float64 (``core._score_rows``).
@@ -64,10 +67,11 @@ extern "C" __global__ void paste_gaze(
     const long long* __restrict__ frame_t,    // (B,)
     const long long* __restrict__ table,      // (N, 3): scale, row, col
     const int* __restrict__ region_sizes,     // (K,)
-    double* __restrict__ delta,               // (B,)
-    const int N, const int K, const int T, const int H, const int mode)  // mode: -1 none, 0 l1, 1 mse
+    double* __restrict__ partial,             // (B, S): this block's part of the row's delta
+    const int N, const int K, const int T, const int H, const int mode,  // mode: -1 none, 0 l1, 1 mse
+    const int chunk)                          // pixels of the square per block (blockIdx.y-th chunk)
 {
-    __shared__ double partial[BLOCK];
+    __shared__ double buf[BLOCK];
     const int b = blockIdx.x;
     double acc = 0.0;
     if (active[b]) {
@@ -83,7 +87,8 @@ extern "C" __global__ void paste_gaze(
         signed char* lb = level + (long long)b * HW;
         const unsigned char* vb = views + ((long long)b * K + k) * 3 * HW;
         const unsigned char* tb = video + ((long long)b * T + frame_t[b]) * 3 * HW;
-        for (int p = threadIdx.x; p < R * R; p += blockDim.x) {
+        const int begin = blockIdx.y * chunk, end = min(R * R, begin + chunk);
+        for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
             const long long off = (long long)(y0 + p / R) * H + (x0 + p % R);
             if (lb[off] <= k) {
                 for (int c = 0; c < 3; ++c) {
@@ -109,13 +114,13 @@ extern "C" __global__ void paste_gaze(
             }
         }
     }
-    partial[threadIdx.x] = acc;
+    buf[threadIdx.x] = acc;
     __syncthreads();
     for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
         __syncthreads();
     }
-    if (threadIdx.x == 0 && mode >= 0) delta[b] = partial[0];
+    if (threadIdx.x == 0 && mode >= 0) partial[(long long)b * gridDim.y + blockIdx.y] = buf[0];
 }
 
 // One scale view of the rows that moved to a new frame: views[rows[c], k] = round(clamp(up[c]))
@@ -179,12 +184,72 @@ extern "C" __global__ void frame_error(
     }
     if (threadIdx.x == 0) partial[(long long)c * gridDim.x + blockIdx.x] = buf[0];
 }
+
+// torch's area_pixel_compute_source_index (align_corners=False, not cubic), same expression
+__device__ __forceinline__ float source_index(const float scale, const int dst) {
+    const float src = scale * (dst + 0.5f) - 0.5f;
+    return src < 0.0f ? 0.0f : src;
+}
+
+// views[rows[c], k] = uint8(clamp(round(up(down[c])))) for the rows with valid[c], where up is
+// torch's bilinear upsample_bilinear2d_out_frame (align_corners=False, no scale factors) written
+// with the same expressions, so that it rounds identically (checked at run time against torch,
+// see _fused_upsample_exact); raw, when given, receives the float values before rounding.
+// Grid: (x blocks over the 3 H H pixels, C rows).
+extern "C" __global__ void upsample_view(
+    const float* __restrict__ down,           // (C, 3, s, s)
+    const long long* __restrict__ rows,       // (C,)
+    const bool* __restrict__ valid,           // (C,)
+    unsigned char* __restrict__ views,        // (B, K, 3, H, H)
+    float* __restrict__ raw,                  // (C, 3, H, H) or NULL
+    const int s, const int H, const float rscale, const int k, const int K)
+{
+    const int c = blockIdx.y;
+    if (!valid[c]) return;
+    const long long hw = (long long)H * H, n = 3 * hw;
+    unsigned char* dst = views + (rows[c] * K + k) * n;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int ch = (int)(i / hw), pix = (int)(i % hw);
+        const int h2 = pix / H, w2 = pix % H;
+        const float* plane = down + ((long long)c * 3 + ch) * s * s;
+        const float h1r = source_index(rscale, h2);
+        const int h1 = h1r;
+        const int h1p = (h1 < s - 1) ? 1 : 0;
+        const float h1lambda = h1r - h1;
+        const float h0lambda = 1.0f - h1lambda;
+        const float w1r = source_index(rscale, w2);
+        const int w1 = w1r;
+        const int w1p = (w1 < s - 1) ? 1 : 0;
+        const float w1lambda = w1r - w1;
+        const float w0lambda = 1.0f - w1lambda;
+        const float val = h0lambda *
+                (w0lambda * plane[h1 * s + w1] +
+                 w1lambda * plane[h1 * s + w1 + w1p]) +
+            h1lambda *
+                (w0lambda * plane[(h1 + h1p) * s + w1] +
+                 w1lambda * plane[(h1 + h1p) * s + w1 + w1p]);
+        if (raw != NULL) raw[(long long)c * n + i] = val;
+        dst[i] = (unsigned char)fminf(fmaxf(rintf(val), 0.0f), 255.0f);
+    }
+}
 """
+
+PASTE_CHUNK = 1024
+"""Pixels of a gazed square per block of ``paste_gaze``: a coarse patch's square (12,544 pixels at
+paper size) spreads over several blocks instead of making one block the launch's long tail."""
+
+STREAMS = 4
+"""Side streams ``write_views`` spreads the antialiased downsizing over: torch's kernel runs one
+thread per output pixel and loops over the batch, so a few small calls in parallel beat one."""
 
 _cupy: ModuleType | None = None
 _cupy_error: str | None = None
 _module = None
 _functions: dict[tuple[str, int], object] = {}
+_external: dict[int, object] = {}
+_side_streams: dict[int, list[torch.cuda.Stream]] = {}
+_fused_exact: dict[tuple[PatchGrid, int], bool] = {}
 _warned = False
 _geometry: dict[tuple[PatchGrid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -258,15 +323,37 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+def _stream(ptr: int):
+    """CuPy's handle of the CUDA stream ``ptr`` (a torch stream), made once per stream."""
+    cp = cupy_module()
+    if not ptr:
+        return cp.cuda.Stream.null
+    if ptr not in _external:
+        # ExternalStream is deprecated in CuPy 14 in favour of Stream.from_external, which needs
+        # an object with __cuda_stream__; it still wraps a raw handle, which is all we have here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _external[ptr] = cp.cuda.ExternalStream(ptr)
+    return _external[ptr]
+
+
 def _launch(name: str, device: torch.device, grid: tuple[int, ...], args: tuple) -> None:
     """Launch kernel ``name`` on torch's current stream (the capturing stream inside a CUDA graph
     capture), so it is ordered with the torch ops around it."""
     cp = cupy_module()
     fn = _function(name, device)
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    stream = cp.cuda.ExternalStream(ptr) if ptr else cp.cuda.Stream.null
+    stream = _stream(torch.cuda.current_stream(device).cuda_stream)
     with cp.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()), stream:
         fn(grid, (BLOCK,), args)
+
+
+def _streams(device: torch.device) -> list[torch.cuda.Stream]:
+    """``STREAMS`` side streams of ``device``, made on first use (which must not be inside a graph
+    capture: the warm-up of ``gaze_env.graph.StepRunner`` makes them)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
+    return _side_streams[index]
 
 
 def _tables(grid: PatchGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,11 +396,16 @@ def paste_gaze(
     action = action.to(device=device, dtype=torch.int64).contiguous()
     active = active.to(device=device, dtype=torch.uint8).contiguous()
     frame_t = state.frame_t.contiguous()
+    chunks = math.ceil(max(grid.region_sizes) ** 2 / PASTE_CHUNK)
+    partial = torch.empty(B, chunks, dtype=torch.float64, device=device)  # (B, S) per-block sums
     pointers = (state.canvas, canvas_out, state.aux["level"], state.aux["views"], state.video)
-    pointers += (action, active, frame_t, table, sizes, delta)
-    scalars = (grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode)
-    _launch("paste_gaze", device, (B,), tuple(_ptr(t) for t in pointers) + tuple(np.int32(s) for s in scalars))
-    return delta if mode >= 0 else None
+    pointers += (action, active, frame_t, table, sizes, partial)
+    scalars = (grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode, PASTE_CHUNK)
+    args = tuple(_ptr(t) for t in pointers) + tuple(np.int32(s) for s in scalars)
+    _launch("paste_gaze", device, (B, chunks), args)
+    if mode < 0:
+        return None
+    return torch.sum(partial, dim=1, out=delta)  # exact for l1 in any order (see the module docstring)
 
 
 def write_views(
@@ -329,30 +421,90 @@ def write_views(
     ``frame_out[rows[c]] = frames[c]`` when given) for the rows with ``valid[c]``; the others are
     left alone.
 
+    Each coarse scale: torch's antialiased downsizing (the call ``scale_views`` makes, spread over
+    ``STREAMS`` side streams for large batches), then ``upsample_view``, torch's bilinear upsizing
+    fused with the rounding to uint8 and the write into ``views`` (if its floats equal torch's on
+    this device, see ``_fused_upsample_exact``; otherwise torch's upsizing and ``write_view``).
+
     Args:
         frames: (C, 3, H, W) uint8, the frames rows ``rows`` (int64 (C,), distinct) moved to.
         valid: (C,) bool.
         views: (B, k, 3, H, W) uint8 and level: (B, H, W) int8, updated in place.
         frame_out: (B, 3, H, W) uint8, an observation buffer of the current frames.
     """
-    C, H = frames.shape[0], grid.frame_size
+    C, H, K, device = frames.shape[0], grid.frame_size, grid.num_scales, frames.device
     if C == 0:
         return
     if C > 65535:
         raise ValueError(f"write_views handles at most 65535 rows per call (a grid dimension), got {C}")
     _contiguous(frames=frames, views=views, level=level, frame_out=frame_out)
     rows, valid = rows.contiguous(), valid.contiguous()
-    n, hw, K = 3 * H * H, H * H, grid.num_scales
+    n, hw = 3 * H * H, H * H
     blocks = max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
-    x = frames.float()
-    for k, s in enumerate(grid.scales):
-        # the same resizes as PatchGrid.scale_views; the finest view is the frame itself
-        up = None if s == H else grid.resize(grid.resize(x, s), H).contiguous()  # (C, 3, H, W) float
-        last = k == K - 1
-        args = (_ptr(up), _ptr(frames), _ptr(rows), _ptr(valid), _ptr(views))
-        args += (_ptr(level if last else None), _ptr(frame_out if last else None))
-        args += (np.int64(n), np.int64(hw), np.int32(k), np.int32(K))
-        _launch("write_view", frames.device, (blocks, C), args)
+    fused = _fused_upsample_exact(grid, device)
+    side = _streams(device)
+    x = frames.float()  # (C, 3, H, W)
+    groups = max(1, min(len(side), C // 16))  # slices of at least 16 rows
+    bounds = [round(C * g / groups) for g in range(groups + 1)]
+    main = torch.cuda.current_stream(device)
+    for g in range(groups):
+        lo, hi = bounds[g], bounds[g + 1]
+        stream = side[g] if groups > 1 else main
+        if stream is not main:
+            stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            for k, s in enumerate(grid.scales[:-1]):
+                down = grid.resize(x[lo:hi], s)  # (M, 3, s, s): the call scale_views makes
+                if fused:
+                    args = (_ptr(down), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views), np.uint64(0))
+                    args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
+                    _launch("upsample_view", device, (blocks, hi - lo), args)
+                else:
+                    up = grid.resize(down, H).contiguous()  # (M, 3, H, W) float
+                    args = (_ptr(up), _ptr(frames[lo:hi]), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views))
+                    args += (np.uint64(0), np.uint64(0), np.int64(n), np.int64(hw), np.int32(k), np.int32(K))
+                    _launch("write_view", device, (blocks, hi - lo), args)
+    if groups > 1:
+        for stream in side[:groups]:
+            main.wait_stream(stream)
+    # the finest view is the frame itself (scale_views rounds its float copy back to it)
+    args = (np.uint64(0), _ptr(frames), _ptr(rows), _ptr(valid), _ptr(views), _ptr(level), _ptr(frame_out))
+    args += (np.int64(n), np.int64(hw), np.int32(K - 1), np.int32(K))
+    _launch("write_view", device, (blocks, C), args)
+    del x  # freed on the main stream once the side streams joined it
+
+
+def _fused_upsample_exact(grid: PatchGrid, device: torch.device) -> bool:
+    """Whether ``upsample_view``'s floats equal torch's bilinear upsizing bit for bit on this
+    device, for every coarse scale of ``grid`` (same expressions, but the compilers' contraction
+    into FMAs is not promised to match): checked once on real downsized frames, before any capture.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (grid, index)
+    if key not in _fused_exact:
+        H, K = grid.frame_size, grid.num_scales
+        gen = torch.Generator(device=device).manual_seed(0)
+        frames = torch.randint(0, 256, (3, 3, H, H), dtype=torch.uint8, device=device, generator=gen)
+        frames[1] = frames[0].float().mean(0, keepdim=True).to(torch.uint8)  # smooth-ish planes too
+        views = torch.zeros(3, K, 3, H, H, dtype=torch.uint8, device=device)
+        rows = torch.arange(3, device=device)
+        valid = torch.ones(3, dtype=torch.bool, device=device)
+        exact = True
+        for k, s in enumerate(grid.scales[:-1]):
+            down = grid.resize(frames.float(), s)
+            raw = torch.empty(3, 3, H, H, device=device)
+            args = (_ptr(down), _ptr(rows), _ptr(valid), _ptr(views), _ptr(raw))
+            args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
+            _launch("upsample_view", device, (max(1, math.ceil(3 * H * H / BLOCK / 8)), 3), args)
+            exact &= torch.equal(raw, grid.resize(down, H))
+        if not exact:
+            warnings.warn(
+                "the fused bilinear upsizing does not round exactly as torch's on this device: "
+                "using torch's upsizing (slower)",
+                stacklevel=3,
+            )
+        _fused_exact[key] = bool(exact)
+    return _fused_exact[key]
 
 
 def frame_error(frames: torch.Tensor, canvas: torch.Tensor, rows: torch.Tensor, mode: int) -> torch.Tensor:

@@ -60,10 +60,11 @@ def static_step(static: core.StaticStep, action: torch.Tensor) -> Transition:
     """What a runner does around ``StaticStep``: actions in, run, frame-end passes."""
     static.action.copy_(action)
     static.run()
-    moved = int(static.flags[1])
-    for chunk in range(-(-moved // static.capacity)):
-        static.offset.fill_(chunk * static.capacity)
-        static.frame_ends()
+    offset = 0
+    for size in core.plan_passes(int(static.flags[1]), static.sizes):
+        static.offset.fill_(offset)
+        static.frame_ends(size)
+        offset += size
     return static.transition
 
 
@@ -148,6 +149,18 @@ def test_frame_end_capacity__twice_the_expected_frame_ends_within_bounds():
     assert core.frame_end_capacity(config, 4096) == 316
     assert core.frame_end_capacity(config, 64) == 8
     assert core.frame_end_capacity(config, 1) == 1
+
+
+def test_plan_passes__covers_the_moved_rows_wasting_at_most_half_a_pass():
+    sizes = core.pass_sizes(316)
+    assert sizes == (316, 79, 20, 5, 2, 1)
+    assert core.plan_passes(0, sizes) == []
+    assert core.plan_passes(3, sizes) == [5]
+    assert core.plan_passes(150, sizes) == [79, 79]
+    assert core.plan_passes(700, sizes) == [316, 316, 79]
+    for moved in range(1, 1000):
+        plan = core.plan_passes(moved, sizes)
+        assert sum(plan) >= moved and sum(plan[:-1]) < moved and plan[-1] <= 2 * max(1, moved - sum(plan[:-1]))
 
 
 @pytest.mark.parametrize("loss", ["l1", "mse"])
