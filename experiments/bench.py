@@ -429,6 +429,11 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
                     print(_profile_line(r), flush=True)
         del pool
     meta["load_after"] = _load()
+    if device.type == "cuda":
+        from rewards import cuda
+
+        # the FMA contraction of the fused upsizing that matched torch per grid (None: torch's upsizing)
+        meta["fused_upsample_variant"] = {"/".join(map(str, g.scales)): v for (g, _), v in cuda._fused_variant.items()}
     return results, meta
 
 

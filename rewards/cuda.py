@@ -2,14 +2,14 @@
 
 - ``paste_gaze`` fuses ``PasteReconstructor``'s per-gaze update into one launch: paste the gazed
   square into the canvas (finer scales kept), optionally mirror it into an observation buffer, and
-  sum the change of the l1 / mse pixel error over it. One CUDA block per env row, its threads
-  striding over the square's pixels, so the work is the gazed squares and nothing else.
+  sum the change of the l1 / mse pixel error over it. One warp per env row and chunk of its square,
+  so the work is the gazed squares and nothing else.
   Reference: ``rewards.reconstruct.paste_gaze``; the canvas and level map are bit-identical to it,
   the per-element error changes too, and the delta is their float64 sum.
 - ``write_views`` stores the scale views of the frames that rows moved to (the frame-end work of
   ``PasteReconstructor.begin_frame_static``): torch's antialiased downsizing as
   ``PatchGrid.scale_views`` does it, then one kernel per scale upsizes (torch's bilinear formula,
-  checked bit for bit against torch at run time), rounds, clamps and converts to uint8 straight
+  its FMA contraction matched against torch at run time), rounds, clamps and converts to uint8 straight
   into the rows of ``state.aux["views"]``: the reference's float upsized copy and its ``round_`` /
   ``clamp_`` / ``to`` / ``stack`` passes and the masked write-back become one pass. torch's own
   upsizing kernel loops over the batch in each thread, so it was also the slowest part of a frame
@@ -56,6 +56,9 @@ _SOURCE = r"""
 // contracted into FMAs, so every per-element value rounds exactly as torch's does
 #define INV255 (1.0f / 255.0f)
 
+// One warp per env row (WARPS rows per block), blockIdx.y-th chunk of `chunk` pixels of its
+// gazed square: a wide launch of short, independent warps (a block per row left most of the card
+// waiting on the few rows that gazed a coarse square).
 extern "C" __global__ void paste_gaze(
     unsigned char* __restrict__ canvas,       // (B, 3, H, H)
     unsigned char* __restrict__ canvas_out,   // (B, 3, H, H) mirror of the canvas, or NULL
@@ -67,60 +70,59 @@ extern "C" __global__ void paste_gaze(
     const long long* __restrict__ frame_t,    // (B,)
     const long long* __restrict__ table,      // (N, 3): scale, row, col
     const int* __restrict__ region_sizes,     // (K,)
-    double* __restrict__ partial,             // (B, S): this block's part of the row's delta
-    const int N, const int K, const int T, const int H, const int mode,  // mode: -1 none, 0 l1, 1 mse
-    const int chunk)                          // pixels of the square per block (blockIdx.y-th chunk)
+    double* __restrict__ partial,             // (B, S): this warp's part of the row's delta
+    const int B, const int N, const int K, const int T, const int H,
+    const int mode,                           // -1 none, 0 l1, 1 mse
+    const int chunk)                          // pixels of the square per warp (blockIdx.y-th chunk)
 {
-    __shared__ double buf[BLOCK];
-    const int b = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const long long b = (long long)blockIdx.x * (BLOCK / 32) + (threadIdx.x >> 5);
+    if (b >= B) return;  // whole warps: the shuffles below stay within live warps
     double acc = 0.0;
     if (active[b]) {
         long long a = action[b];
         a = a < 0 ? 0 : (a >= N ? N - 1 : a);
         const int k = (int)table[3 * a];
         const int R = region_sizes[k];
-        const int y0 = (int)table[3 * a + 1] * R;
-        const int x0 = (int)table[3 * a + 2] * R;
-        const long long HW = (long long)H * H;
-        unsigned char* cb = canvas + (long long)b * 3 * HW;
-        unsigned char* ob = canvas_out == NULL ? NULL : canvas_out + (long long)b * 3 * HW;
-        signed char* lb = level + (long long)b * HW;
-        const unsigned char* vb = views + ((long long)b * K + k) * 3 * HW;
-        const unsigned char* tb = video + ((long long)b * T + frame_t[b]) * 3 * HW;
         const int begin = blockIdx.y * chunk, end = min(R * R, begin + chunk);
-        for (int p = begin + threadIdx.x; p < end; p += blockDim.x) {
-            const long long off = (long long)(y0 + p / R) * H + (x0 + p % R);
-            if (lb[off] <= k) {
-                for (int c = 0; c < 3; ++c) {
-                    const long long o = c * HW + off;
-                    const unsigned char before = cb[o], after = vb[o];
-                    if (mode >= 0 && before != after) {
-                        const float t = __fmul_rn((float)tb[o], INV255);
-                        float eb = __fsub_rn(t, __fmul_rn((float)before, INV255));
-                        float ea = __fsub_rn(t, __fmul_rn((float)after, INV255));
-                        if (mode == 0) {
-                            eb = fabsf(eb);
-                            ea = fabsf(ea);
-                        } else {
-                            eb = __fmul_rn(eb, eb);
-                            ea = __fmul_rn(ea, ea);
+        if (begin < end) {
+            const int y0 = (int)table[3 * a + 1] * R;
+            const int x0 = (int)table[3 * a + 2] * R;
+            const long long HW = (long long)H * H;
+            unsigned char* cb = canvas + b * 3 * HW;
+            unsigned char* ob = canvas_out == NULL ? NULL : canvas_out + b * 3 * HW;
+            signed char* lb = level + b * HW;
+            const unsigned char* vb = views + (b * K + k) * 3 * HW;
+            const unsigned char* tb = video + (b * T + frame_t[b]) * 3 * HW;
+            for (int p = begin + lane; p < end; p += 32) {
+                const long long off = (long long)(y0 + p / R) * H + (x0 + p % R);
+                if (lb[off] <= k) {
+                    for (int c = 0; c < 3; ++c) {
+                        const long long o = c * HW + off;
+                        const unsigned char before = cb[o], after = vb[o];
+                        if (mode >= 0 && before != after) {
+                            const float t = __fmul_rn((float)tb[o], INV255);
+                            float eb = __fsub_rn(t, __fmul_rn((float)before, INV255));
+                            float ea = __fsub_rn(t, __fmul_rn((float)after, INV255));
+                            if (mode == 0) {
+                                eb = fabsf(eb);
+                                ea = fabsf(ea);
+                            } else {
+                                eb = __fmul_rn(eb, eb);
+                                ea = __fmul_rn(ea, ea);
+                            }
+                            acc += (double)__fsub_rn(ea, eb);
                         }
-                        acc += (double)__fsub_rn(ea, eb);
+                        cb[o] = after;
+                        if (ob != NULL) ob[o] = after;
                     }
-                    cb[o] = after;
-                    if (ob != NULL) ob[o] = after;
+                    lb[off] = (signed char)k;
                 }
-                lb[off] = (signed char)k;
             }
         }
     }
-    buf[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0 && mode >= 0) partial[(long long)b * gridDim.y + blockIdx.y] = buf[0];
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s);
+    if (lane == 0 && mode >= 0) partial[b * gridDim.y + blockIdx.y] = acc;
 }
 
 // One scale view of the rows that moved to a new frame: views[rows[c], k] = round(clamp(up[c]))
@@ -185,27 +187,49 @@ extern "C" __global__ void frame_error(
     if (threadIdx.x == 0) partial[(long long)c * gridDim.x + blockIdx.x] = buf[0];
 }
 
-// torch's area_pixel_compute_source_index (align_corners=False, not cubic), same expression
-__device__ __forceinline__ float source_index(const float scale, const int dst) {
-    const float src = scale * (dst + 0.5f) - 0.5f;
+// torch's area_pixel_compute_source_index (align_corners=False, not cubic); `fused`: whether the
+// compiler contracted scale * x - 0.5 into one FMA (what torch's build did is found at run time)
+__device__ __forceinline__ float source_index(const float scale, const int dst, const bool fused) {
+    const float x = dst + 0.5f;
+    const float src = fused ? __fmaf_rn(scale, x, -0.5f) : __fsub_rn(__fmul_rn(scale, x), 0.5f);
     return src < 0.0f ? 0.0f : src;
 }
 
+// torch's bilinear value h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d), with each way a
+// compiler may contract it into FMAs (form 0: none; 1 to 4: which product of each sum is fused)
+__device__ __forceinline__ float bilinear(
+    const int form, const float h0, const float h1, const float w0, const float w1,
+    const float a, const float b, const float c, const float d)
+{
+    if (form == 0) {
+        const float top = __fadd_rn(__fmul_rn(w0, a), __fmul_rn(w1, b));
+        const float bottom = __fadd_rn(__fmul_rn(w0, c), __fmul_rn(w1, d));
+        return __fadd_rn(__fmul_rn(h0, top), __fmul_rn(h1, bottom));
+    }
+    const bool inner_first = form == 1 || form == 3;  // fma(w0, a, w1 * b) vs fma(w1, b, w0 * a)
+    const bool outer_first = form == 1 || form == 2;  // fma(h0, top, h1 * bottom) vs fma(h1, bottom, h0 * top)
+    const float top = inner_first ? __fmaf_rn(w0, a, __fmul_rn(w1, b)) : __fmaf_rn(w1, b, __fmul_rn(w0, a));
+    const float bottom = inner_first ? __fmaf_rn(w0, c, __fmul_rn(w1, d)) : __fmaf_rn(w1, d, __fmul_rn(w0, c));
+    return outer_first ? __fmaf_rn(h0, top, __fmul_rn(h1, bottom)) : __fmaf_rn(h1, bottom, __fmul_rn(h0, top));
+}
+
 // views[rows[c], k] = uint8(clamp(round(up(down[c])))) for the rows with valid[c], where up is
-// torch's bilinear upsample_bilinear2d_out_frame (align_corners=False, no scale factors) written
-// with the same expressions, so that it rounds identically (checked at run time against torch,
-// see _fused_upsample_exact); raw, when given, receives the float values before rounding.
-// Grid: (x blocks over the 3 H H pixels, C rows).
+// torch's bilinear upsample_bilinear2d_out_frame (align_corners=False, no scale factors) in the
+// FMA contraction `variant` (bit 0: source index fused; bits 1..: bilinear form) that equals
+// torch's on this device (found at run time, see _fused_upsample_variant); raw, when given,
+// receives the float values before rounding. Grid: (x blocks over the 3 H H pixels, C rows).
 extern "C" __global__ void upsample_view(
     const float* __restrict__ down,           // (C, 3, s, s)
     const long long* __restrict__ rows,       // (C,)
     const bool* __restrict__ valid,           // (C,)
     unsigned char* __restrict__ views,        // (B, K, 3, H, H)
     float* __restrict__ raw,                  // (C, 3, H, H) or NULL
-    const int s, const int H, const float rscale, const int k, const int K)
+    const int s, const int H, const float rscale, const int k, const int K, const int variant)
 {
     const int c = blockIdx.y;
     if (!valid[c]) return;
+    const bool fused_index = variant & 1;
+    const int form = variant >> 1;
     const long long hw = (long long)H * H, n = 3 * hw;
     unsigned char* dst = views + (rows[c] * K + k) * n;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -213,31 +237,29 @@ extern "C" __global__ void upsample_view(
         const int ch = (int)(i / hw), pix = (int)(i % hw);
         const int h2 = pix / H, w2 = pix % H;
         const float* plane = down + ((long long)c * 3 + ch) * s * s;
-        const float h1r = source_index(rscale, h2);
+        const float h1r = source_index(rscale, h2, fused_index);
         const int h1 = h1r;
         const int h1p = (h1 < s - 1) ? 1 : 0;
         const float h1lambda = h1r - h1;
         const float h0lambda = 1.0f - h1lambda;
-        const float w1r = source_index(rscale, w2);
+        const float w1r = source_index(rscale, w2, fused_index);
         const int w1 = w1r;
         const int w1p = (w1 < s - 1) ? 1 : 0;
         const float w1lambda = w1r - w1;
         const float w0lambda = 1.0f - w1lambda;
-        const float val = h0lambda *
-                (w0lambda * plane[h1 * s + w1] +
-                 w1lambda * plane[h1 * s + w1 + w1p]) +
-            h1lambda *
-                (w0lambda * plane[(h1 + h1p) * s + w1] +
-                 w1lambda * plane[(h1 + h1p) * s + w1 + w1p]);
+        const float val = bilinear(
+            form, h0lambda, h1lambda, w0lambda, w1lambda,
+            plane[h1 * s + w1], plane[h1 * s + w1 + w1p],
+            plane[(h1 + h1p) * s + w1], plane[(h1 + h1p) * s + w1 + w1p]);
         if (raw != NULL) raw[(long long)c * n + i] = val;
         dst[i] = (unsigned char)fminf(fmaxf(rintf(val), 0.0f), 255.0f);
     }
 }
 """
 
-PASTE_CHUNK = 1024
-"""Pixels of a gazed square per block of ``paste_gaze``: a coarse patch's square (12,544 pixels at
-paper size) spreads over several blocks instead of making one block the launch's long tail."""
+PASTE_CHUNK = 256
+"""Pixels of a gazed square per warp of ``paste_gaze``: a coarse patch's square (12,544 pixels at
+paper size) spreads over many warps instead of making one the launch's long tail."""
 
 STREAMS = 4
 """Side streams ``write_views`` spreads the antialiased downsizing over: torch's kernel runs one
@@ -249,7 +271,7 @@ _module = None
 _functions: dict[tuple[str, int], object] = {}
 _external: dict[int, object] = {}
 _side_streams: dict[int, list[torch.cuda.Stream]] = {}
-_fused_exact: dict[tuple[PatchGrid, int], bool] = {}
+_fused_variant: dict[tuple[PatchGrid, int], int | None] = {}
 _warned = False
 _geometry: dict[tuple[PatchGrid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -397,12 +419,12 @@ def paste_gaze(
     active = active.to(device=device, dtype=torch.uint8).contiguous()
     frame_t = state.frame_t.contiguous()
     chunks = math.ceil(max(grid.region_sizes) ** 2 / PASTE_CHUNK)
-    partial = torch.empty(B, chunks, dtype=torch.float64, device=device)  # (B, S) per-block sums
+    partial = torch.empty(B, chunks, dtype=torch.float64, device=device)  # (B, S) per-warp sums
     pointers = (state.canvas, canvas_out, state.aux["level"], state.aux["views"], state.video)
     pointers += (action, active, frame_t, table, sizes, partial)
-    scalars = (grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode, PASTE_CHUNK)
+    scalars = (B, grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode, PASTE_CHUNK)
     args = tuple(_ptr(t) for t in pointers) + tuple(np.int32(s) for s in scalars)
-    _launch("paste_gaze", device, (B, chunks), args)
+    _launch("paste_gaze", device, (math.ceil(B / (BLOCK // 32)), chunks), args)
     if mode < 0:
         return None
     return torch.sum(partial, dim=1, out=delta)  # exact for l1 in any order (see the module docstring)
@@ -423,8 +445,9 @@ def write_views(
 
     Each coarse scale: torch's antialiased downsizing (the call ``scale_views`` makes, spread over
     ``STREAMS`` side streams for large batches), then ``upsample_view``, torch's bilinear upsizing
-    fused with the rounding to uint8 and the write into ``views`` (if its floats equal torch's on
-    this device, see ``_fused_upsample_exact``; otherwise torch's upsizing and ``write_view``).
+    fused with the rounding to uint8 and the write into ``views`` (in the FMA contraction whose
+    floats equal torch's on this device, see ``_fused_upsample_variant``; without one, torch's
+    upsizing and ``write_view``).
 
     Args:
         frames: (C, 3, H, W) uint8, the frames rows ``rows`` (int64 (C,), distinct) moved to.
@@ -441,7 +464,7 @@ def write_views(
     rows, valid = rows.contiguous(), valid.contiguous()
     n, hw = 3 * H * H, H * H
     blocks = max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
-    fused = _fused_upsample_exact(grid, device)
+    variant = _fused_upsample_variant(grid, device)
     side = _streams(device)
     x = frames.float()  # (C, 3, H, W)
     groups = max(1, min(len(side), C // 16))  # slices of at least 16 rows
@@ -455,10 +478,10 @@ def write_views(
         with torch.cuda.stream(stream):
             for k, s in enumerate(grid.scales[:-1]):
                 down = grid.resize(x[lo:hi], s)  # (M, 3, s, s): the call scale_views makes
-                if fused:
+                if variant is not None:
                     args = (_ptr(down), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views), np.uint64(0))
                     args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
-                    _launch("upsample_view", device, (blocks, hi - lo), args)
+                    _launch("upsample_view", device, (blocks, hi - lo), args + (np.int32(variant),))
                 else:
                     up = grid.resize(down, H).contiguous()  # (M, 3, H, W) float
                     args = (_ptr(up), _ptr(frames[lo:hi]), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views))
@@ -474,14 +497,19 @@ def write_views(
     del x  # freed on the main stream once the side streams joined it
 
 
-def _fused_upsample_exact(grid: PatchGrid, device: torch.device) -> bool:
-    """Whether ``upsample_view``'s floats equal torch's bilinear upsizing bit for bit on this
-    device, for every coarse scale of ``grid`` (same expressions, but the compilers' contraction
-    into FMAs is not promised to match): checked once on real downsized frames, before any capture.
-    """
+UPSAMPLE_VARIANTS = 10
+"""FMA contractions ``upsample_view`` can compute torch's bilinear value in (2 source-index forms x
+5 value forms)."""
+
+
+def _fused_upsample_variant(grid: PatchGrid, device: torch.device) -> int | None:
+    """The contraction ``variant`` in which ``upsample_view``'s floats equal torch's bilinear
+    upsizing bit for bit on this device for every coarse scale of ``grid``, or None (then the
+    views take torch's upsizing). The formula is torch's, but how a compiler contracts it into FMAs
+    is not promised: each variant is tried once, on downsized random frames, before any capture."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (grid, index)
-    if key not in _fused_exact:
+    if key not in _fused_variant:
         H, K = grid.frame_size, grid.num_scales
         gen = torch.Generator(device=device).manual_seed(0)
         frames = torch.randint(0, 256, (3, 3, H, H), dtype=torch.uint8, device=device, generator=gen)
@@ -489,22 +517,28 @@ def _fused_upsample_exact(grid: PatchGrid, device: torch.device) -> bool:
         views = torch.zeros(3, K, 3, H, H, dtype=torch.uint8, device=device)
         rows = torch.arange(3, device=device)
         valid = torch.ones(3, dtype=torch.bool, device=device)
-        exact = True
-        for k, s in enumerate(grid.scales[:-1]):
-            down = grid.resize(frames.float(), s)
-            raw = torch.empty(3, 3, H, H, device=device)
-            args = (_ptr(down), _ptr(rows), _ptr(valid), _ptr(views), _ptr(raw))
-            args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
-            _launch("upsample_view", device, (max(1, math.ceil(3 * H * H / BLOCK / 8)), 3), args)
-            exact &= torch.equal(raw, grid.resize(down, H))
-        if not exact:
+        raw = torch.empty(3, 3, H, H, device=device)
+        blocks = max(1, math.ceil(3 * H * H / (BLOCK * ELEMENTS_PER_THREAD)))
+        found = None
+        for variant in range(UPSAMPLE_VARIANTS):
+            exact = True
+            for k, s in enumerate(grid.scales[:-1]):
+                down = grid.resize(frames.float(), s)
+                args = (_ptr(down), _ptr(rows), _ptr(valid), _ptr(views), _ptr(raw))
+                args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
+                _launch("upsample_view", device, (blocks, 3), args + (np.int32(variant),))
+                exact = exact and torch.equal(raw, grid.resize(down, H))
+            if exact:
+                found = variant
+                break
+        if found is None:
             warnings.warn(
-                "the fused bilinear upsizing does not round exactly as torch's on this device: "
-                "using torch's upsizing (slower)",
+                "no FMA contraction of the fused bilinear upsizing rounds exactly as torch's on this "
+                "device: using torch's upsizing (slower)",
                 stacklevel=3,
             )
-        _fused_exact[key] = bool(exact)
-    return _fused_exact[key]
+        _fused_variant[key] = found
+    return _fused_variant[key]
 
 
 def frame_error(frames: torch.Tensor, canvas: torch.Tensor, rows: torch.Tensor, mode: int) -> torch.Tensor:
