@@ -8,8 +8,8 @@ Step modes (the front-ends' ``step_mode`` argument):
   kernel launches.
 - ``"static"``: ``core.StaticStep`` run op by op, on any device: the same transitions with fixed
   shapes. For tests (it runs on CPU) and for debugging the graph mode.
-- ``"graph"``: ``core.StaticStep`` captured once as two CUDA graphs (the step, and the frame-end
-  work of a fixed number of rows) and replayed every step. CUDA only.
+- ``"graph"``: ``core.StaticStep`` captured once as CUDA graphs (the step, and the frame-end work
+  of a fixed number of rows for each pass size) and replayed every step. CUDA only.
 - ``"auto"`` (default): ``"graph"`` on CUDA when the configuration allows the static step (the
   paste reconstructor and a per-pixel loss: l1, mse or psnr, see
   ``core.static_step_unsupported``), else ``"eager"``.
