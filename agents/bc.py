@@ -4,7 +4,7 @@
 in ONE teacher-forced pass of the policy and returns a TensorDict whose ``loss_*`` entries are
 summed for the update and whose other entries are diagnostics (the TorchRL loss convention):
 
-- ``loss_ce``: next-token cross-entropy on the expert gazes. With ``K`` prediction heads every
+- ``loss_ce``: ``ce_coef`` x next-token cross-entropy on the expert gazes. With ``K`` prediction heads every
   head is trained at every position: head ``k`` at the row of step ``i`` of a frame (the frame's
   last vision token for ``i = -1``) predicts the frame's step ``i + 1 + k``; pairs without a
   target in the same frame are masked. Each head's mean cross-entropy counts equally. ``K = 1``
@@ -12,6 +12,16 @@ summed for the update and whose other entries are diagnostics (the TorchRL loss 
 - ``loss_pred``: ``pred_coef`` x squared error of the loss-prediction head against the frame loss
   recorded after each gaze (``loss_after``); loss head ``k`` at the row of step ``i`` predicts the
   loss after step ``i + k``, all heads trained.
+- ``loss_soft`` (``soft_coef > 0``): distillation of the oracle's whole ranking, not only its
+  argmax. Expert data labelled with ``--candidate-losses`` holds in ``candidate_loss`` the loss
+  after every patch the oracle could have gazed in each state (``RecordingOracle`` records it);
+  ``soft_targets`` turns it into a distribution that puts most mass on the best patch and some on
+  near-ties, and ``loss_soft`` is ``soft_coef`` x its cross-entropy against each head (the KL
+  divergence plus the targets' entropy, a constant), normalised as ``loss_ce`` (per head over the
+  same targets, heads counting equally, the same ``bc_totals``). With one-hot targets it equals
+  the cross-entropy. On the tiny preset's default run it did not change the held-out loss beyond
+  seed noise (the policy there barely uses the clip's content, see ``experiments.train_bc``), so
+  it is off by default.
 
 By default the cross-entropy is taken under the distribution generation samples from: patches
 already gazed in the frame (the expert's earlier steps, which include the picks of earlier heads
@@ -24,9 +34,10 @@ trajectory are never cross-entropy targets nor loss-prediction targets; they are
 ``AutoGazePolicy.score`` lays them out (a slot that later tokens do not see).
 
 ``oracle_labels`` relabels any trajectory with the oracle's choice in every state it visits (the
-DAgger labels, given to ``bc_loss`` as ``target``). A short DAgger trial on the tiny preset (4
-rounds of 256 rolled-out clips) did not improve the held-out loss, so ``experiments.train_bc``
-does not use it yet.
+DAgger labels, given to ``bc_loss`` as ``target``, with the soft labels of those states). Two
+DAgger trials on the tiny preset (4 rounds of 256 rolled-out clips; 3 rounds of 1024 on the same,
+continued policy, hard + soft labels) did not improve the held-out loss, so
+``experiments.train_bc`` does not use it yet.
 
 Data-parallel training: ``bc_totals`` counts a batch's targets from its structure alone (no
 forward pass); summed over every rank and micro-batch of a step and passed as ``totals``, each
@@ -40,26 +51,40 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 
-from agents.baselines import Baseline, GreedyOracle
+from agents.baselines import GreedyOracle, ViewErrorCache, candidate_losses
 from agents.policy import AutoGazePolicy, frame_layout, gazed_before, preprocess
 from gaze_env import core
 from gaze_env.core import CoreParams
+from gaze_env.types import GazeState
 
-__all__ = ["BATCH_KEYS", "bc_loss", "bc_totals", "oracle_labels", "trim_steps"]
+__all__ = [
+    "BATCH_KEYS",
+    "OPTIONAL_KEYS",
+    "RecordingOracle",
+    "bc_loss",
+    "bc_totals",
+    "oracle_labels",
+    "soft_targets",
+    "trim_steps",
+]
 
 BATCH_KEYS = ("video", "action", "frame_id", "valid", "loss_after")
-"""Entries of an expert batch ``bc_loss`` reads."""
+"""Entries of an expert batch ``bc_loss`` always reads."""
+OPTIONAL_KEYS = ("target", "candidate_loss")
+"""Entries it reads when present: DAgger labels, the oracle's candidate losses (soft labels)."""
+_STEP_KEYS = ("action", "frame_id", "valid", "loss_after", *OPTIONAL_KEYS)
 
 
 def trim_steps(batch: TensorDictBase) -> TensorDictBase:
     """Drop the trailing step columns no trajectory of the batch uses (expert data is padded to
     the longest possible clip): ``action`` / ``frame_id`` / ``valid`` / ``loss_after`` (and
-    ``target``) (B, L) -> (B, L') with ``L'`` the last valid column + 1."""
+    ``target``) (B, L) -> (B, L'), ``candidate_loss`` (B, L, N) -> (B, L', N), with ``L'`` the
+    last valid column + 1."""
     valid = batch["valid"]
     used = valid.any(0)
     length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
-    out = batch.select(*BATCH_KEYS, "target", strict=False)
-    for key in ("action", "frame_id", "valid", "loss_after", "target"):
+    out = batch.select(*BATCH_KEYS, *OPTIONAL_KEYS, strict=False)
+    for key in _STEP_KEYS:
         if key in out.keys():
             out[key] = out[key][:, :length]
     return out
@@ -69,6 +94,29 @@ def _targets(batch: TensorDictBase, stop_id: int) -> torch.Tensor:
     """(B, L) bool: the steps with a cross-entropy target (valid gazes whose label is a gaze)."""
     action = batch["action"]
     return batch["valid"].bool() & (action != stop_id) & (batch.get("target", action) != stop_id)
+
+
+def soft_targets(candidate_loss: torch.Tensor, tau: float) -> torch.Tensor:
+    """The oracle's soft labels: (..., N) float loss after each candidate patch (+inf: not a
+    candidate) -> (..., N) float32 probabilities ``softmax(-(loss - best) / (tau * spread))``,
+    0 off the candidates.
+
+    ``spread`` is the median candidate's loss minus the best one's, so the temperature is relative
+    to how much the patches differ in this state (a frame's first gazes differ by orders of
+    magnitude more than its last ones): a patch ``tau`` spreads worse than the best one weighs
+    ``1/e`` as much. ``tau -> 0`` gives the oracle's argmax (split evenly between exact ties).
+    Rows without a candidate get all zeros.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    loss = candidate_loss.float()
+    ok = torch.isfinite(loss)
+    best = loss.masked_fill(~ok, float("inf")).min(-1, keepdim=True).values
+    median = loss.masked_fill(~ok, float("nan")).nanmedian(-1, keepdim=True).values
+    spread = (median - best).nan_to_num(0.0).clamp(min=1e-8)
+    logits = (-(loss - best) / (tau * spread)).masked_fill(~ok, float("-inf"))
+    probs = torch.softmax(logits.masked_fill(~ok.any(-1, keepdim=True), 0.0), dim=-1)
+    return probs.masked_fill(~ok, 0.0)
 
 
 def bc_totals(batch: TensorDictBase, num_heads: int, stop_id: int) -> dict[str, torch.Tensor]:
@@ -92,6 +140,9 @@ def bc_loss(
     *,
     pred_coef: float = 1.0,
     mask_gazed: bool = True,
+    ce_coef: float = 1.0,
+    soft_coef: float = 0.0,
+    soft_tau: float = 0.1,
     totals: dict[str, torch.Tensor] | None = None,
 ) -> TensorDict:
     """Behaviour-cloning loss of ``policy`` on a batch of expert trajectories.
@@ -103,26 +154,39 @@ def bc_loss(
             step; NaN or anything at padding). Padding columns are trimmed here. Optional
             ``target`` (B, L) int64: the id to predict at each step when it is not the step's
             own action (``oracle_labels``: the oracle's choice in the state the trajectory
-            reached); default ``action``.
+            reached); default ``action``. ``candidate_loss`` (B, L, N) float, needed when
+            ``soft_coef > 0``: the frame's loss after each candidate patch in the state before
+            each step (+inf: not a candidate), as ``experiments.collect_expert`` stores it.
         pred_coef: weight of ``loss_pred`` (0 turns the loss head's training off).
         mask_gazed: cross-entropy under the masked distribution generation samples from (see the
             module docstring); False: the plain softmax over all ``N + 1`` ids.
+        ce_coef: weight of ``loss_ce`` (0: the soft term alone trains the heads; ``ce`` stays a
+            diagnostic).
+        soft_coef: weight of ``loss_soft``, the cross-entropy against ``soft_targets(
+            candidate_loss, soft_tau)`` (0: off, ``candidate_loss`` not needed).
+        soft_tau: temperature of the soft targets, relative to each state's spread of candidate
+            losses (see ``soft_targets``).
         totals: ``bc_totals`` summed over all parts of a larger batch (ranks, micro-batches):
             the losses are then this part's share of that batch's losses (``loss_ce`` sums the
             per-head means' shares); None: this batch alone.
 
     Returns:
-        TensorDict, batch []: ``loss_ce``, ``loss_pred`` (differentiable; their sum is the loss)
-        and detached diagnostics: ``ce`` (= ``loss_ce``), ``ce_head0``, ``ce_head_last`` (head
-        ``K - 1``), ``acc`` (top-1 accuracy of head 0, the next-gaze head, under the same mask),
-        ``acc_head_last``, ``entropy`` (head 0), ``pred_mse`` (unweighted), ``pred_mae``
-        (head 0, the loss after the current gaze) and ``targets`` (gazes scored).
+        TensorDict, batch []: ``loss_ce``, ``loss_pred``, ``loss_soft`` (differentiable; their sum
+        is the loss; ``loss_soft`` is 0 when ``soft_coef`` is 0) and detached diagnostics: ``ce``
+        (``loss_ce`` unweighted), ``ce_head0``, ``ce_head_last`` (head ``K - 1``), ``acc`` (top-1 accuracy
+        of head 0, the next-gaze head, under the same mask), ``acc_head_last``, ``entropy`` (head
+        0), ``pred_mse`` (unweighted), ``pred_mae`` (head 0, the loss after the current gaze),
+        ``targets`` (gazes scored) and, with the soft term, ``kl`` (the policy's KL divergence
+        from the soft targets, heads averaged as in ``loss_soft``, unweighted).
     """
-    if pred_coef < 0:
-        raise ValueError(f"pred_coef must be >= 0, got {pred_coef}")
+    if min(pred_coef, ce_coef, soft_coef) < 0:
+        raise ValueError(f"pred_coef, ce_coef and soft_coef must be >= 0, got {pred_coef}, {ce_coef}, {soft_coef}")
     missing = [k for k in BATCH_KEYS if k not in batch.keys()]
     if missing:
         raise KeyError(f"the expert batch lacks {missing}; it needs {list(BATCH_KEYS)} (experiments.collect_expert)")
+    if soft_coef > 0 and "candidate_loss" not in batch.keys():
+        raise KeyError("soft_coef > 0 needs the expert batch's 'candidate_loss' (B, L, N): label the data with "
+                       "experiments.collect_expert --candidate-losses, or set soft_coef to 0")
     batch = trim_steps(batch)
     cfg = policy.config
     K, V, STOP = cfg.num_multi_token_pred, cfg.vocab_size, cfg.stop_id
@@ -146,9 +210,28 @@ def bc_loss(
     ce = ce.masked_fill(~target_mask, 0.0)
     per_head_n = target_mask.sum((0, 1))  # (K,)
     norm_n = per_head_n if totals is None else totals["ce"].to(per_head_n.device)  # (K,)
-    per_head = ce.sum((0, 1)) / norm_n.clamp(min=1)  # (K,)
     has = norm_n > 0
-    loss_ce = per_head[has].sum() / has.sum() if bool(has.any()) else logits.sum() * 0.0
+
+    def head_mean(per_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, K) per-target losses (0 off target_mask) -> (mean over the heads with targets of
+        the per-head means, the per-head means (K,))."""
+        per_head = per_target.sum((0, 1)) / norm_n.clamp(min=1)  # (K,)
+        return (per_head[has].sum() / has.sum() if bool(has.any()) else out["logits"].sum() * 0.0), per_head
+
+    ce_mean, per_head = head_mean(ce)
+    loss_soft, kl = torch.zeros((), device=logits.device), None
+    if soft_coef > 0:
+        probs = soft_targets(batch["candidate_loss"], soft_tau)  # (B, L, N)
+        q = F.pad(probs, (0, V - probs.shape[-1]))[:, :, None, :]  # (B, L, 1, V), STOP gets 0
+        logp = F.log_softmax(logits, dim=-1)  # (B, L, K, V)
+        q_logp = torch.where(q > 0, q * logp, 0.0)  # 0 log 0 = 0 (banned ids have q = 0)
+        soft = (-q_logp.sum(-1)).masked_fill(~target_mask, 0.0)  # (B, L, K)
+        if not bool(torch.isfinite(soft).all()):
+            raise ValueError("the soft targets put mass on a banned id: candidate_loss does not match the actions")
+        loss_soft = soft_coef * head_mean(soft)[0]
+        with torch.no_grad():  # KL = cross-entropy - entropy of the targets
+            q_logq = torch.where(probs > 0, probs * probs.clamp(min=1e-30).log(), 0.0).sum(-1)  # (B, L)
+            kl = head_mean(soft + q_logq[..., None].masked_fill(~target_mask, 0.0))[0]
 
     loss_after = batch["loss_after"].float()
     pred_mask = out["loss_pred_valid"] & (is_gaze & torch.isfinite(loss_after))[..., None]  # (B, L, K)
@@ -165,7 +248,7 @@ def bc_loss(
         entropy0 = -(logp0.exp() * logp0.masked_fill(torch.isinf(logp0), 0.0)).sum(-1)
         last = K - 1
         diagnostics = {
-            "ce": loss_ce.detach(),
+            "ce": ce_mean.detach(),
             "ce_head0": per_head[0].detach(),
             "ce_head_last": per_head[last].detach(),
             "acc": correct[..., 0].sum() / n0,
@@ -175,7 +258,47 @@ def bc_loss(
             "pred_mae": err[..., 0].abs().sum() / pred_mask[..., 0].sum().clamp(min=1),
             "targets": head0.sum().float(),
         }
-    return TensorDict({"loss_ce": loss_ce, "loss_pred": pred_coef * pred_mse, **diagnostics}, batch_size=[])
+        if kl is not None:
+            diagnostics["kl"] = kl
+    losses = {"loss_ce": ce_coef * ce_mean, "loss_pred": pred_coef * pred_mse, "loss_soft": loss_soft}
+    return TensorDict({**losses, **diagnostics}, batch_size=[])
+
+
+class RecordingOracle:
+    """The greedy oracle, also recording the loss after every valid patch in every state it acts in.
+
+    Rolled out by ``agents.baselines.run_episodes`` (or replayed by ``oracle_labels``), which put
+    the action of live row ``b`` at step column ``state.steps[b]``: ``act`` writes that state's
+    candidate losses at the same place of ``table`` (B, L, N) float32 (+inf: not a candidate, or
+    no step), the soft labels of ``bc_loss``. Without ``max_candidates`` its action is the argmin
+    of the recorded losses (``GreedyOracle``'s own rule, lowest index on ties); with it, the
+    wrapped oracle draws and scores its candidates itself (every valid patch is still recorded).
+    """
+
+    name = "greedy_oracle"
+
+    def __init__(
+        self, oracle: GreedyOracle, batch_size: int, length: int, num_patches: int, device: torch.device | str
+    ) -> None:
+        self.oracle = oracle
+        self.table = torch.full((batch_size, length, num_patches), float("inf"), device=device)
+        self._cache = ViewErrorCache()
+
+    def act(self, params: CoreParams, state: GazeState, generator: torch.Generator | None) -> torch.Tensor:
+        mask = core.action_mask(params, state)  # (B, N + 1)
+        N = mask.shape[1] - 1
+        losses = candidate_losses(
+            params, state, mask[:, :N], method=self.oracle.method, context=self.oracle.context,
+            chunk_bytes=self.oracle.chunk_bytes, cache=self._cache,
+        )  # (B, N) +inf where not a candidate
+        live = (~state.done).nonzero()[:, 0]
+        col = state.steps[live]
+        if bool((col >= self.table.shape[1]).any()):
+            raise ValueError(f"an episode runs past the {self.table.shape[1]} recorded steps")
+        self.table[live, col] = losses[live]
+        if self.oracle.max_candidates is not None:
+            return self.oracle.act(params, state, generator)
+        return torch.where(mask[:, :N].any(1), losses.argmin(1), N)
 
 
 @torch.no_grad()
@@ -186,7 +309,7 @@ def oracle_labels(
     valid: torch.Tensor,
     budgets: torch.Tensor,
     *,
-    oracle: Baseline | None = None,
+    oracle: GreedyOracle | None = None,
     generator: torch.Generator | None = None,
 ) -> TensorDict:
     """The oracle's choice in every state a trajectory visits (DAgger's labels).
@@ -198,12 +321,14 @@ def oracle_labels(
     re-gazed the previous frame's patches); these labels teach the way back.
 
     Returns TensorDict [B]: ``target`` (B, L) int64 the oracle's patch (STOP where the step is
-    not valid or no patch is left) and ``loss_after`` (B, L) float32, the frame's loss after the
-    trajectory's own step (NaN at invalid steps), what its loss head should predict.
+    not valid or no patch is left), ``loss_after`` (B, L) float32, the frame's loss after the
+    trajectory's own step (NaN at invalid steps), what its loss head should predict, and
+    ``candidate_loss`` (B, L, N) float32, the loss after each patch the oracle chose from (+inf
+    elsewhere and at invalid steps), the soft labels of ``bc_loss``.
     """
-    oracle = oracle if oracle is not None else GreedyOracle()
     B, L = action.shape
     STOP = params.config.grid.stop
+    recorder = RecordingOracle(oracle if oracle is not None else GreedyOracle(), B, L, STOP, video.device)
     state = core.reset(params, video, generator=generator, budgets=budgets)
     target = torch.full((B, L), STOP, dtype=torch.int64, device=video.device)
     loss_after = torch.full((B, L), float("nan"), device=video.device)
@@ -211,7 +336,14 @@ def oracle_labels(
         if bool(state.done.all()):
             break
         live = valid[:, step] & ~state.done
-        target[:, step] = torch.where(live, oracle.act(params, state, generator), STOP)
+        if bool((state.steps[live] != step).any()):  # the recorder writes at column state.steps
+            raise ValueError(f"column {step} of a trajectory is not its episode's step {step}: valid steps come first")
+        target[:, step] = torch.where(live, recorder.act(params, state, generator), STOP)
         tr = core.step(params, state, torch.where(live, action[:, step], STOP), validate=False)
         loss_after[:, step] = torch.where(live, tr.loss_after, float("nan"))
-    return TensorDict({"target": target, "loss_after": loss_after}, batch_size=[B], device=video.device)
+    candidate_loss = recorder.table.masked_fill(~valid.bool()[..., None], float("inf"))
+    return TensorDict(
+        {"target": target, "loss_after": loss_after, "candidate_loss": candidate_loss},
+        batch_size=[B],
+        device=video.device,
+    )

@@ -21,7 +21,11 @@ int64 padded with STOP, ``valid`` (n, L) bool, ``frame_id`` (n, L) int64 padded 
 ``reward`` (n, L) (the paper's frame reward), ``loss_after`` (n, L) (loss after each gaze, NaN
 on padding), ``frame_loss`` / ``frame_start_loss`` (n, T), ``budgets`` / ``counts`` (n, T) int64,
 ``ratio`` (n,) the drawn gazing ratio and ``clip_index`` (n,) int64 (index into the source).
-``L`` is the same in every chunk (the longest possible clip, see ``max_steps``).
+With ``--candidate-losses`` also ``candidate_loss`` (n, L, N) float32: the frame's loss after
+each patch the oracle could have gazed at that step (what it took the minimum of; +inf where a
+patch was not a candidate and on padding), the soft labels of ``agents.bc``'s distillation term
+(about half again the size on disk). ``L`` is the same in every chunk (the longest possible
+clip, see ``max_steps``).
 
     python -m experiments.collect_expert --preset tiny --num-clips 1024
 """
@@ -44,6 +48,7 @@ from tensordict import TensorDict
 from tqdm import tqdm
 
 from agents.baselines import GreedyOracle, run_episodes
+from agents.bc import RecordingOracle
 from experiments.common import (
     atomic_write_json,
     clip_source,
@@ -95,6 +100,11 @@ class CollectExpertConfig:
     """Reconstructor the oracle simulates: paste (grey start) or paste-black."""
     max_candidates: int | None = None
     """Patches the oracle tries per gaze, drawn at random (none: every valid patch)."""
+    candidate_losses: bool = False
+    """Also store the loss after every valid patch at every step (``candidate_loss``, N floats per
+    step): the soft labels of behaviour cloning's distillation term (``TrainBCConfig.soft_coef``).
+    With max_candidates, every valid patch is scored for them, not only the drawn ones. The
+    actions are the same either way."""
     chunk_clips: int = 64
     """Clips labelled together (one batch) and committed to disk as one chunk."""
     seed: int = 0
@@ -138,6 +148,8 @@ class CollectExpertConfig:
         out = {k: getattr(self, k) for k in keys}
         if self.max_candidates is not None:  # the candidate draws are per chunk
             out["chunk_clips"] = self.chunk_clips
+        if self.candidate_losses:  # absent otherwise: data sets labelled before the option still match
+            out["candidate_losses"] = True
         return out
 
 
@@ -309,9 +321,12 @@ def collect(cfg: CollectExpertConfig, *, on_chunk: Callable[[int], None] | None 
             budgets = torch.tensor(np.stack([b for _, b in drawn]), device=device)
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + clips[0])
             tick = time.perf_counter()
-            td = run_episodes(oracle, params, video, budgets, generator=generator, reward=reward).cpu()
+            gazer = RecordingOracle(oracle, len(clips), length, N, device) if cfg.candidate_losses else oracle
+            td = run_episodes(gazer, params, video, budgets, generator=generator, reward=reward).cpu()
             oracle_seconds += time.perf_counter() - tick
             td = _pad(td, length, N, T)
+            if cfg.candidate_losses:
+                td["candidate_loss"] = gazer.table.cpu()
             td["ratio"] = torch.tensor([r for r, _ in drawn], dtype=torch.float32)
             td["clip_index"] = torch.tensor(clips, dtype=torch.int64)
             name = f"{CHUNK_PREFIX}{clips[0]:09d}"

@@ -9,12 +9,13 @@ What a run does, top to bottom:
 
 1. Expert data: ``--expert`` (default ``data/expert/<preset>``, the folder ``make collect-expert``
    writes). When it holds fewer than ``--expert-clips`` clips they are labelled first with
-   ``experiments.collect_expert.collect`` (its defaults otherwise; a rerun appends or resumes).
-   Every clip of the data set is then used for training.
+   ``experiments.collect_expert.collect`` (its defaults otherwise, with the candidates' losses when
+   ``--soft-coef`` > 0; a rerun appends or resumes). Every clip of the data set is then used.
 2. Policy: ``AutoGazePolicy.from_preset(preset)`` with the size overrides below; AdamW (no weight
    decay on gains, biases and embeddings), linear warm-up + cosine decay, gradient clipping,
    bf16 autocast on CUDA only. The loss is ``agents.bc.bc_loss`` (one teacher-forced pass per
-   batch: multi-token cross-entropy + loss-prediction L2).
+   batch: multi-token cross-entropy + loss-prediction L2, optionally the soft-label distillation
+   term on the oracle's whole ranking of the candidates, ``--soft-coef``).
 3. Every ``--eval-interval`` steps and at the end: greedy rollouts of the policy at fixed gazing
    ratios on held-out clips (default: the first ``--eval-clips`` clips of
    ``prepare_data.default_data("val", preset)``), mean per-frame loss through the environment's
@@ -43,8 +44,8 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import make_baseline, run_episodes
-from agents.bc import BATCH_KEYS, bc_loss, bc_totals
-from agents.policy import AutoGazePolicy, PolicyConfig, preprocess
+from agents.bc import BATCH_KEYS, OPTIONAL_KEYS, bc_loss, bc_totals
+from agents.policy import AutoGazePolicy, PolicyConfig, gazed_before, preprocess
 from agents.rollout import rollout
 from experiments.collect_expert import CollectExpertConfig, collect, expert_chunks
 from experiments.common import (
@@ -92,6 +93,9 @@ RUN_ONLY_FIELDS = frozenset(
      "grad_accum", "dist_timeout"}
 )
 """Fields a resumed run may change: they do not change the training math."""
+
+DIAGNOSTICS = ("acc", "acc_head_last", "entropy", "pred_mae", "kl")
+"""Diagnostics of ``agents.bc.bc_loss`` logged under ``charts/`` (``kl`` with the soft term only)."""
 
 BASELINE_ROWS = ("greedy_oracle", "random", "rgb_diff")
 """Baselines of the final table (besides the trained policy)."""
@@ -144,6 +148,13 @@ class TrainBCConfig:
     """Weight of the loss-prediction L2 (losses/pred) next to the cross-entropy."""
     mask_gazed: bool = True
     """Cross-entropy over the patches not gazed yet in the frame (what generation samples from)."""
+    ce_coef: float = 1.0
+    """Weight of the cross-entropy on the expert's own gazes (losses/ce is logged unweighted)."""
+    soft_coef: float = 0.0
+    """Weight of the soft-label distillation term (losses/soft, agents.bc): cross-entropy against
+    the oracle's ranking of every candidate patch (needs expert data with candidate_loss); 0: off."""
+    soft_tau: float = 0.1
+    """Temperature of the soft labels, in spreads of the candidates' losses (agents.bc.soft_targets)."""
     amp: bool = True
     """bf16 autocast on CUDA (never on CPU)."""
     # ---- policy size (none: the preset's value; names as agents.policy.PolicyConfig)
@@ -206,8 +217,10 @@ class TrainBCConfig:
             raise ValueError(f"dist_timeout must be > 0 minutes, got {self.dist_timeout}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.pred_coef < 0:
-            raise ValueError("lr must be > 0 and weight_decay, grad_clip, pred_coef >= 0")
+        if self.lr <= 0 or min(self.weight_decay, self.grad_clip, self.pred_coef, self.ce_coef, self.soft_coef) < 0:
+            raise ValueError("lr must be > 0 and weight_decay, grad_clip, pred_coef, ce_coef, soft_coef >= 0")
+        if self.soft_tau <= 0:
+            raise ValueError(f"soft_tau must be > 0, got {self.soft_tau}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -239,7 +252,7 @@ class TrainBCConfig:
 # ---- data ------------------------------------------------------------------------------------
 class ExpertData:
     """The clips of an expert data set, memory-mapped chunk by chunk; ``batch(indices)`` reads the
-    entries ``bc_loss`` needs of those clips (global index = position in chunk order)."""
+    entries ``bc_loss`` reads of those clips (global index = position in chunk order)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -249,19 +262,21 @@ class ExpertData:
         sizes = torch.tensor([c.batch_size[0] for c in self.chunks])
         self.starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
         self.meta = json.loads((self.path / "meta.json").read_text())
+        self.keys = (*BATCH_KEYS, *(k for k in OPTIONAL_KEYS if all(k in c.keys() for c in self.chunks)))
+        """Entries ``batch`` reads: ``agents.bc.BATCH_KEYS`` and the optional ones every chunk has."""
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def batch(self, indices: Sequence[int]) -> TensorDict:
-        """TensorDict [len(indices)] of ``agents.bc.BATCH_KEYS``, in the order of ``indices``."""
+        """TensorDict [len(indices)] of ``self.keys``, in the order of ``indices``."""
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
         chunk = torch.searchsorted(self.starts, idx, right=True) - 1
         parts, order = [], []
         for c in chunk.unique().tolist():
             sel = (chunk == c).nonzero()[:, 0]
             local = idx[sel] - self.starts[c]
-            parts.append(self.chunks[c].select(*BATCH_KEYS)[local].to_tensordict())
+            parts.append(self.chunks[c].select(*self.keys)[local].to_tensordict())
             order.append(sel)
         td = torch.cat(parts)
         return td[torch.cat(order).argsort()]
@@ -278,11 +293,16 @@ def ensure_expert(cfg: TrainBCConfig) -> ExpertData:
         summary = collect(
             CollectExpertConfig(
                 preset=cfg.preset, out=str(path), videos=cfg.videos, num_clips=cfg.expert_clips,
-                device=cfg.device, progress=cfg.progress,
+                candidate_losses=cfg.soft_coef > 0, device=cfg.device, progress=cfg.progress,
             )
         )
         print(summary)
-    return ExpertData(path)
+    data = ExpertData(path)
+    if cfg.soft_coef > 0 and "candidate_loss" not in data.keys:
+        raise ValueError(f"{path} holds no candidate_loss (labelled without --candidate-losses): label a data set "
+                         "with experiments.collect_expert --candidate-losses (or let train_bc label a fresh --expert "
+                         "folder), or pass --soft-coef 0")
+    return data
 
 
 def eval_clips(cfg: TrainBCConfig) -> torch.Tensor:
@@ -422,7 +442,8 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
         step = state["step"]
         d.print(f"resumed {ckpt} at step {step}")
     K, STOP = policy_cfg.num_multi_token_pred, policy_cfg.stop_id
-    loss_fn = partial(bc_loss, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed)
+    loss_fn = partial(bc_loss, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed, ce_coef=cfg.ce_coef,
+                      soft_coef=cfg.soft_coef, soft_tau=cfg.soft_tau)
     model = d.wrap(LossModule(policy, loss_fn), find_unused=cfg.pred_coef == 0 or policy_cfg.value_head)
 
     video_eval = eval_clips(cfg)
@@ -434,7 +455,7 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
         return {r: d.weighted_mean(local.get(r, 0.0), mine.shape[0]) for r in ratios}
 
     d.print(f"policy {policy.num_parameters:,} parameters (K={K}); {len(data)} expert clips; {steps} steps of "
-            f"{cfg.batch_size} ({d.world_size} process(es) x {cfg.grad_accum} micro-batch(es)); eval on "
+            f"{cfg.batch_size} ({d.describe()} x {cfg.grad_accum} micro-batch(es)); eval on "
             f"{video_eval.shape[0]} held-out clips")
     local = baseline_losses(cfg.eval_baselines, built, mine, ratios, cfg.eval_batch_size, device) if len(mine) else {}
     names = [make_baseline(n).name for n in cfg.eval_baselines]
@@ -472,31 +493,31 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
             # normalisers of the whole global batch: each part's loss is its share of the batch's loss
             totals = {k: d.all_sum(sum(bc_totals(b, K, STOP)[k] for b in parts)) for k in ("ce", "pred")}
             optimizer.zero_grad(set_to_none=True)
-            shares, diags = torch.zeros(2, dtype=torch.float64, device=device), []
+            shares, diags = torch.zeros(4, dtype=torch.float64, device=device), []
             for i, batch in enumerate(parts):
                 with d.accumulate(model, sync=i == len(parts) - 1):
                     with autocast:
                         td = model(batch, totals=totals)
                     # DDP averages gradients over ranks: scale so that they add up instead
-                    ((td["loss_ce"] + td["loss_pred"]) * d.world_size).backward()
-                shares += torch.stack([td["loss_ce"].detach(), td["loss_pred"].detach()]).double()
-                diags.append({k: td[k].detach() for k in ("acc", "acc_head_last", "entropy", "pred_mae")})
+                    ((td["loss_ce"] + td["loss_pred"] + td["loss_soft"]) * d.world_size).backward()
+                shares += torch.stack([td[k].detach() for k in ("loss_ce", "loss_pred", "loss_soft", "ce")]).double()
+                diags.append({k: td[k].detach() for k in DIAGNOSTICS if k in td.keys()})
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip)
             optimizer.step()
             scheduler.step()
             step += 1
             clips_done += cfg.batch_size
-            loss_ce, loss_pred = d.all_sum(shares).tolist()
+            loss_ce, loss_pred, loss_soft, ce = d.all_sum(shares).tolist()
             values = d.all_mean({k: float(torch.stack([t[k] for t in diags]).mean()) for k in diags[0].keys()})
-            logger.log("losses", {"total": loss_ce + loss_pred, "ce": loss_ce, "pred": loss_pred}, step)
+            losses = {"total": loss_ce + loss_pred + loss_soft, "ce": ce, "pred": loss_pred}
+            logger.log("losses", {**losses, **({"soft": loss_soft} if cfg.soft_coef > 0 else {})}, step)
             logger.log("charts", {
-                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), "acc": values["acc"],
-                "acc_head_last": values["acc_head_last"], "entropy": values["entropy"],
-                "pred_mae": values["pred_mae"], "epoch": sampler.epoch + sampler.cursor / sampler.n,
+                "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm), **values,
+                "epoch": sampler.epoch + sampler.cursor / sampler.n,
             }, step)
             bar.update(1)
-            bar.set_postfix(ce=f"{loss_ce:.3f}", acc=f"{values['acc']:.3f}")
+            bar.set_postfix(ce=f"{ce:.3f}", acc=f"{values['acc']:.3f}")
             if step % 20 == 0:
                 now = time.perf_counter()
                 logger.log("charts", {"clips_per_s": clips_done / (now - tick)}, step)
@@ -550,17 +571,23 @@ def expert_like_batch(
     policy_cfg: PolicyConfig, num_frames: int, batch_size: int, ratio: float, generator: torch.Generator
 ) -> TensorDict:
     """Random trajectories shaped like expert data: every frame gazes ``budget_for_ratio(ratio)``
-    distinct random patches; random uint8 video and losses."""
+    distinct random patches; random uint8 video, losses and candidate losses (+inf on the patches
+    gazed before in the frame)."""
     N, S, T = policy_cfg.num_patches, policy_cfg.input_img_size, num_frames
     G = budget_for_ratio(ratio, N)
     action = torch.rand(batch_size, T, N, generator=generator).argsort(-1)[..., :G].reshape(batch_size, T * G)
+    frame_id = torch.arange(T).repeat_interleave(G).expand(batch_size, -1).clone()
+    valid = torch.ones(batch_size, T * G, dtype=torch.bool)
+    gazed = gazed_before(action, frame_id, valid, T, N)  # (B, T * G, N)
+    candidate_loss = torch.rand(batch_size, T * G, N, generator=generator).masked_fill(gazed, float("inf"))
     return TensorDict(
         {
             "video": torch.randint(0, 256, (batch_size, T, 3, S, S), dtype=torch.uint8, generator=generator),
             "action": action,
-            "frame_id": torch.arange(T).repeat_interleave(G).expand(batch_size, -1).clone(),
-            "valid": torch.ones(batch_size, T * G, dtype=torch.bool),
+            "frame_id": frame_id,
+            "valid": valid,
             "loss_after": torch.rand(batch_size, T * G, generator=generator),
+            "candidate_loss": candidate_loss,
         },
         batch_size=[batch_size],
     )
@@ -583,9 +610,10 @@ def bench(cfg: TrainBCConfig) -> dict:
 
     def train_step() -> None:
         with autocast:
-            td = bc_loss(policy, batch, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed)
+            td = bc_loss(policy, batch, pred_coef=cfg.pred_coef, mask_gazed=cfg.mask_gazed, ce_coef=cfg.ce_coef,
+                         soft_coef=cfg.soft_coef, soft_tau=cfg.soft_tau)
         optimizer.zero_grad(set_to_none=True)
-        (td["loss_ce"] + td["loss_pred"]).backward()
+        (td["loss_ce"] + td["loss_pred"] + td["loss_soft"]).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
 

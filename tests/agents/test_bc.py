@@ -1,24 +1,37 @@
+import math
+
 import pytest
 import torch
 from tensordict import TensorDict
 
 from agents.baselines import GreedyOracle, RasterGazer, run_episodes
-from agents.bc import bc_loss, bc_totals, oracle_labels, trim_steps
+from agents.bc import RecordingOracle, bc_loss, bc_totals, oracle_labels, soft_targets, trim_steps
 from agents.policy import AutoGazePolicy, gazed_before, preprocess
 from gaze_env.builder import build
 from tests.conftest import random_clips
 
 
 def expert_batch(n: int = 3, seed: int = 0):
-    """Greedy-oracle trajectories of ``n`` random tiny clips with ragged per-frame budgets."""
+    """Greedy-oracle trajectories of ``n`` random tiny clips with ragged per-frame budgets, with the
+    candidates' losses (``candidate_loss``) as ``experiments.collect_expert`` records them."""
     params = build("tiny", videos=random_clips(1)).params
     budgets = torch.tensor([6, 3, 2, 4, 1, 2, 3, 5])[None].expand(n, -1).clone()
     budgets[1:, 0] += torch.arange(1, n)  # clips of different lengths: padding in the batch
-    td = run_episodes(GreedyOracle(), params, random_clips(n, seed=seed), budgets)
     pad = 5  # padding columns as the expert data set stores them
+    oracle = RecordingOracle(GreedyOracle(), n, int(budgets.sum(1).max()) + pad, 84, "cpu")
+    td = run_episodes(oracle, params, random_clips(n, seed=seed), budgets)
     for key, value in (("action", 84), ("valid", False), ("frame_id", 8), ("loss_after", float("nan"))):
         td[key] = torch.cat([td[key], torch.full((n, pad), value, dtype=td[key].dtype)], 1)
+    td["candidate_loss"] = oracle.table
     return td
+
+
+def one_hot_candidates(batch):
+    """``candidate_loss`` whose only candidate at each step is the expert's own action."""
+    cand = torch.full(batch["candidate_loss"].shape, float("inf"))
+    valid = batch["valid"]
+    cand[valid] = cand[valid].scatter(-1, batch["action"][valid][:, None], 0.5)
+    return batch.clone().set("candidate_loss", cand)
 
 
 def test_bc_loss__finite_and_gradients_reach_every_parameter():
@@ -47,19 +60,21 @@ def test_bc_loss__parts_normalised_by_bc_totals_add_up_to_the_whole_batch():
     policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=3)
     batch = expert_batch(n=4, seed=5)
     K, STOP = 3, policy.config.stop_id
-    whole = bc_loss(policy, batch)
+    whole = bc_loss(policy, batch, soft_coef=0.5)
     assert int(bc_totals(batch, K, STOP)["ce"][0]) == int(whole["targets"])  # head 0's count, counted twice
-    (whole["loss_ce"] + whole["loss_pred"]).backward()
+    (whole["loss_ce"] + whole["loss_pred"] + whole["loss_soft"]).backward()
     reference = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad()
     parts = [batch[:1], batch[1:3], batch[3:]]  # uneven parts: a plain mean of their means would differ
     totals = {k: sum(bc_totals(b, K, STOP)[k] for b in parts) for k in ("ce", "pred")}
-    ce = pred = 0.0
+    ce = pred = soft = 0.0
     for b in parts:
-        out = bc_loss(policy, b, totals=totals)
-        (out["loss_ce"] + out["loss_pred"]).backward()
+        out = bc_loss(policy, b, totals=totals, soft_coef=0.5)
+        (out["loss_ce"] + out["loss_pred"] + out["loss_soft"]).backward()
         ce, pred = ce + out["loss_ce"].detach(), pred + out["loss_pred"].detach()
+        soft = soft + out["loss_soft"].detach()
     assert torch.allclose(ce, whole["loss_ce"], atol=1e-6) and torch.allclose(pred, whole["loss_pred"], atol=1e-7)
+    assert torch.allclose(soft, whole["loss_soft"], atol=1e-6) and whole["loss_soft"] > 0
     for name, p in policy.named_parameters():
         if name in reference:
             assert torch.allclose(p.grad, reference[name], atol=1e-6, rtol=1e-4), name
@@ -122,6 +137,81 @@ def test_bc_loss__padding_columns_and_their_content_do_not_matter():
         assert torch.allclose(a[key], b[key]), key
 
 
+def test_soft_targets__argmax_in_the_cold_limit_ties_shared_zero_off_candidates():
+    inf = float("inf")
+    loss = torch.tensor([[0.30, 0.10, inf, 0.20, 0.50], [0.2, 0.2, 0.4, inf, inf], [inf] * 5])
+    cold = soft_targets(loss, 1e-4)
+    assert torch.allclose(cold[0], torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(cold[1], torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))  # exact ties split evenly
+    assert torch.equal(cold[2], torch.zeros(5))  # no candidate: no target
+    warm = soft_targets(loss, 0.5)
+    assert torch.allclose(warm[:2].sum(-1), torch.ones(2)) and warm[0, 2] == 0 and warm[1, 3:].eq(0).all()
+    assert warm[0, 1] > warm[0, 3] > warm[0, 0] > warm[0, 4] > 0  # lower loss, more mass
+    # the temperature is relative to the state's spread: shifting and scaling the losses changes nothing
+    assert torch.allclose(soft_targets(3.0 + 0.01 * loss, 0.5), warm, atol=1e-5)
+    # a patch tau spreads (median - best) worse than the best weighs 1/e as much
+    row = torch.tensor([0.1, 0.2, 0.3])  # spread 0.1
+    assert torch.allclose(soft_targets(row, 1.0)[1] / soft_targets(row, 1.0)[0], torch.tensor(math.exp(-1.0)))
+    with pytest.raises(ValueError, match="tau"):
+        soft_targets(loss, 0.0)
+
+
+def test_bc_loss__soft_term_equals_the_cross_entropy_for_one_hot_targets():
+    torch.manual_seed(4)
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=2)
+    batch = one_hot_candidates(expert_batch())
+    for mask_gazed in (True, False):
+        out = bc_loss(policy, batch, soft_coef=0.3, mask_gazed=mask_gazed)
+        assert torch.allclose(out["loss_soft"], 0.3 * out["loss_ce"], atol=1e-6)
+        assert abs(float(out["kl"]) - float(out["loss_ce"].detach())) < 1e-5  # one-hot targets: no entropy
+    plain = bc_loss(policy, batch, mask_gazed=False)
+    assert plain["loss_soft"] == 0 and "kl" not in plain.keys()
+    assert torch.allclose(plain["loss_ce"], out["loss_ce"])  # the soft term leaves the others alone
+
+
+def test_bc_loss__soft_gradient_is_policy_minus_targets_on_every_target_row():
+    torch.manual_seed(5)
+    policy = AutoGazePolicy.from_preset("tiny")
+    batch = expert_batch()
+    captured = {}
+    outputs = policy.multi_token_outputs
+
+    def capture(*args):
+        td = outputs(*args)
+        td["logits"].retain_grad()
+        captured["logits"] = td["logits"]
+        return td
+
+    policy.multi_token_outputs = capture
+    out = bc_loss(policy, batch, soft_coef=1.0, soft_tau=0.2)
+    out["loss_soft"].backward()
+    logits, valid = captured["logits"].detach()[:, :, 0], batch["valid"][:, : captured["logits"].shape[1]]
+    banned = gazed_before(batch["action"], batch["frame_id"], batch["valid"], 8, 85)[:, : logits.shape[1]]
+    banned[..., 84] = True
+    p = torch.softmax(logits.masked_fill(banned, float("-inf")), -1)  # (B, L, V)
+    q = torch.nn.functional.pad(soft_targets(batch["candidate_loss"][:, : logits.shape[1]], 0.2), (0, 1))
+    expected = ((p - q) / valid.sum())[valid]
+    grad = captured["logits"].grad[:, :, 0][valid]
+    assert torch.allclose(grad, expected, atol=1e-7)
+    # descending it moves probability towards the patches the oracle ranks high
+    qv, pv = q[valid], p[valid]
+    assert bool((grad[qv > pv + 1e-3] < 0).all()) and bool((grad[(qv == 0) & (pv > 0)] > 0).all())
+    kl = (qv * (qv.clamp(min=1e-30).log() - pv.clamp(min=1e-30).log())).sum(-1).mean()
+    assert torch.isclose(out["kl"], kl, atol=1e-5)
+
+
+def test_bc_loss__soft_term_needs_candidate_losses_matching_the_actions():
+    policy = AutoGazePolicy.from_preset("tiny")
+    batch = expert_batch(2)
+    with pytest.raises(KeyError, match="candidate_loss"):
+        bc_loss(policy, batch.exclude("candidate_loss"), soft_coef=1.0)
+    assert bc_loss(policy, batch.exclude("candidate_loss"))["loss_soft"] == 0  # not needed without the term
+    bad = batch.clone()
+    bad["candidate_loss"][:, 1] = 0.0  # every patch a candidate, also the one gazed at step 0
+    with pytest.raises(ValueError, match="banned"):
+        bc_loss(policy, bad, soft_coef=1.0)
+
+
 def test_bc_loss__rejects_a_float_video_and_missing_keys():
     policy = AutoGazePolicy.from_preset("tiny")
     batch = expert_batch(2)
@@ -161,6 +251,8 @@ def test_oracle_labels__on_the_oracles_own_trajectories_are_its_actions_and_stee
     valid = batch["valid"]
     assert torch.equal(labels["target"][valid], batch["action"][valid])
     assert torch.allclose(labels["loss_after"][valid], batch["loss_after"][valid])
+    L = batch["valid"].shape[1]
+    assert torch.equal(labels["candidate_loss"], batch["candidate_loss"][:, :L])  # what collect_expert records
     assert bool((labels["target"][~valid] == 84).all()) and bool(labels["loss_after"][~valid].isnan().all())
     # a raster trajectory: the labels are the oracle's patches in the raster's states, never a gazed one
     raster = run_episodes(RasterGazer(), params, batch["video"], batch["budgets"])
@@ -169,6 +261,10 @@ def test_oracle_labels__on_the_oracles_own_trajectories_are_its_actions_and_stee
     assert not torch.equal(relabel["target"][v], raster["action"][v])
     banned = gazed_before(raster["action"], raster["frame_id"], v, 8, 85)
     assert not bool(banned.gather(-1, relabel["target"][..., None])[..., 0][v].any())
+    # the soft labels in those states: the oracle's argmin, never on a gazed patch
+    cand = relabel["candidate_loss"]
+    assert torch.equal(cand[v].argmin(-1), relabel["target"][v]) and bool(torch.isinf(cand[~v]).all())
+    assert not bool(torch.isfinite(cand[..., :84])[banned[..., :84]].any())
     # bc_loss scores those labels on the raster's inputs
     policy = AutoGazePolicy.from_preset("tiny")
     plain, relabelled = bc_loss(policy, raster), bc_loss(policy, raster.clone().update(relabel))

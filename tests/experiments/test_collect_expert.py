@@ -94,6 +94,46 @@ def test_collect__stores_oracle_trajectories_with_frame_boundaries(clip_file, tm
     assert manifest["clips"] == [0, 1, 2, 3] and len(manifest["chunks"]) == 2
 
 
+def test_collect__candidate_losses_are_what_the_oracle_chose_from(clip_file, tmp_path):
+    from agents.baselines import GreedyOracle, run_episodes
+    from agents.policy import gazed_before
+    from gaze_env.builder import build
+
+    collect(config(clip_file, tmp_path / "out", num_clips=3, candidate_losses=True))
+    td = load_expert(tmp_path / "out")
+    T, N = 8, 84
+    cand, valid = td["candidate_loss"], td["valid"]
+    assert cand.dtype == torch.float32 and cand.shape == (*td["action"].shape, N)
+    # the oracle took the lowest one (lowest index on ties), and its loss is the one recorded after the gaze
+    best = cand[valid].argmin(-1)
+    assert torch.equal(best, td["action"][valid])
+    torch.testing.assert_close(cand[valid].min(-1).values, td["loss_after"][valid])
+    # the candidates are the patches not gazed yet in the frame; nothing on padding
+    banned = gazed_before(td["action"], td["frame_id"], valid, T, N)
+    assert torch.equal(torch.isfinite(cand) & valid[..., None], ~banned & valid[..., None])
+    assert bool(torch.isinf(cand[~valid]).all())
+    # the recording changes nothing: the same trajectories as the plain oracle
+    plain = collect(config(clip_file, tmp_path / "plain", num_clips=3))  # the default: no candidate losses
+    assert plain.clips == 3
+    other = load_expert(tmp_path / "plain")
+    assert "candidate_loss" not in other.keys()
+    assert_same_data(td.exclude("candidate_loss"), other)
+    params = build("tiny", videos=td["video"][:1]).params
+    again = run_episodes(GreedyOracle(), params, td["video"], td["budgets"])
+    assert torch.equal(again["action"][again["valid"]], td["action"][valid])
+
+
+def test_collect__max_candidates_still_records_every_valid_patch(clip_file, tmp_path):
+    collect(config(clip_file, tmp_path / "out", num_clips=2, max_candidates=5, candidate_losses=True))
+    td = load_expert(tmp_path / "out")
+    valid = td["valid"]
+    per_step = torch.isfinite(td["candidate_loss"][valid]).sum(-1)
+    assert bool((per_step > 5).all())
+    # the drawn patch is a candidate, never better than the best of all of them
+    taken = td["candidate_loss"][valid].gather(-1, td["action"][valid][:, None])[:, 0]
+    assert bool(torch.isfinite(taken).all()) and bool((taken >= td["candidate_loss"][valid].min(-1).values).all())
+
+
 def test_collect__resume_after_interruption_equals_uninterrupted_run(clip_file, tmp_path):
     whole = collect(config(clip_file, tmp_path / "whole"))
     assert whole.clips == 10
@@ -136,6 +176,14 @@ def test_collect__refuses_to_mix_settings(clip_file, tmp_path):
     collect(config(clip_file, tmp_path / "out", num_clips=3))
     with pytest.raises(ValueError, match="other settings .*seed: 0 on disk vs 1 now"):
         collect(config(clip_file, tmp_path / "out", num_clips=3, seed=1))
+
+
+def test_collect__candidate_losses_are_a_setting_of_the_data_set(clip_file, tmp_path):
+    collect(config(clip_file, tmp_path / "out", num_clips=2))
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert "candidate_losses" not in meta  # data sets labelled before the option keep matching
+    with pytest.raises(ValueError, match="candidate_losses: None on disk vs True now"):
+        collect(config(clip_file, tmp_path / "out", num_clips=3, candidate_losses=True))
 
 
 def test_load_expert__errors_name_the_problem(tmp_path):

@@ -13,11 +13,13 @@ from tests.conftest import random_clips
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Six tiny random clips (a materialized clip file) and their greedy-oracle expert data set."""
+    """Six tiny random clips (a materialized clip file) and their greedy-oracle expert data set, with the
+    candidates' losses (soft labels)."""
     root = tmp_path_factory.mktemp("bc_data")
     clips = str(materialize(TensorSource(random_clips(6, seed=3)), root / "clips.pt", progress=False))
     expert = root / "expert"
-    collect(CollectExpertConfig(videos=clips, out=str(expert), num_clips=6, chunk_clips=4, progress=False))
+    collect(CollectExpertConfig(videos=clips, out=str(expert), num_clips=6, chunk_clips=4, candidate_losses=True,
+                                progress=False))
     return clips, str(expert)
 
 
@@ -85,6 +87,30 @@ def test_train_bc__resume_after_an_interruption_continues_the_same_run_exactly(d
         train(small(data, split, resume=True, lr=1e-4, stop_at=None, steps=6))
 
 
+def test_train_bc__soft_labels_and_loss_weights_are_logged_and_summed(data, tmp_path):
+    out = tmp_path / "soft"
+    train(small(data, out, soft_coef=0.5, ce_coef=0.25, soft_tau=0.2, steps=3, ckpt_interval=0))
+    ce, soft, pred = scalars(out, "losses/ce"), scalars(out, "losses/soft"), scalars(out, "losses/pred")
+    total, kl = scalars(out, "losses/total"), scalars(out, "charts/kl")
+    assert sorted(soft) == sorted(kl) == [1, 2, 3]
+    for step in total:  # losses/ce is logged unweighted; the total holds it with its weight
+        assert abs(total[step] - (0.25 * ce[step] + pred[step] + soft[step])) < 1e-4
+        assert 0 < kl[step] < soft[step] / 0.5  # KL = soft cross-entropy - entropy of the targets
+    saved = json.loads((out / "results.json").read_text())["config"]["train"]
+    assert (saved["soft_coef"], saved["ce_coef"], saved["soft_tau"]) == (0.5, 0.25, 0.2)
+
+
+def test_train_bc__soft_labels_refuse_expert_data_without_candidate_losses(data, tmp_path):
+    clips, _ = data
+    plain = tmp_path / "plain"
+    collect(CollectExpertConfig(videos=clips, out=str(plain), num_clips=6, candidate_losses=False, progress=False))
+    assert "candidate_loss" not in ExpertData(plain).keys  # what the data holds decides what batches hold
+    with pytest.raises(ValueError, match="candidate_loss"):
+        train(small(data, tmp_path / "run", expert=str(plain), soft_coef=1.0))
+    train(small(data, tmp_path / "hard", expert=str(plain), soft_coef=0.0, steps=2, ckpt_interval=0))
+    assert (tmp_path / "hard" / "final").is_dir()
+
+
 def test_checkpoint__round_trip_is_bit_exact(data, tmp_path):
     out = tmp_path / "run"
     train(small(data, out, steps=3, ckpt_interval=0))
@@ -101,7 +127,7 @@ def test_checkpoint__round_trip_is_bit_exact(data, tmp_path):
 def test_train_bc__bench_mode_times_training_and_generation_without_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written or read
     result = main(["--bench", "--bench-steps", "1", "--batch-size", "2", "--encoder-patch-size", "16",
-                   "--num-multi-token-pred", "3"])
+                   "--num-multi-token-pred", "3", "--soft-coef", "1.0"])
     assert result["train_clips_per_s"] > 0 and result["generate_ms"]["float32"] > 0
     assert result["steps_per_clip"] == 8 * 8  # ratio 0.1 of the tiny preset's 84 patches, 8 frames
     assert list(tmp_path.iterdir()) == []
