@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,9 +42,10 @@ from torch import nn
 
 from experiments.common import resolve_device
 
-__all__ = ["Dist", "LossModule", "abort", "cleanup", "is_main_process", "launched_by_torchrun", "setup"]
+__all__ = ["Dist", "LossModule", "abort", "cleanup", "is_main_process", "launched_by_torchrun", "run", "setup"]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
@@ -217,6 +218,19 @@ def setup(device: str, timeout_minutes: float = 60.0) -> Dist:
         kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev, enabled=True)
+
+
+def run(device: str, timeout_minutes: float, fn: Callable[[Dist], T]) -> T:
+    """``fn(dist)`` between ``setup`` and ``cleanup``; on an error this rank leaves the process
+    group at once (``abort``) and re-raises: every trainer's entry point."""
+    d = setup(device, timeout_minutes)
+    try:
+        out = fn(d)
+    except BaseException:
+        abort(d)
+        raise
+    cleanup(d)
+    return out
 
 
 def cleanup(d: Dist) -> None:

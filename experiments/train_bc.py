@@ -57,7 +57,7 @@ from experiments.common import (
     resolve_device,
     seed_everything,
 )
-from experiments.distributed import Dist, LossModule, abort, cleanup, setup
+from experiments.distributed import Dist, LossModule, run
 from experiments.evaluate_baselines import markdown_table
 from experiments.prepare_data import default_data
 from experiments.training import (
@@ -395,14 +395,7 @@ def _check_resumable(saved: dict, cfg: TrainBCConfig, policy_cfg: PolicyConfig) 
 def train(cfg: TrainBCConfig) -> dict:
     """Run (or resume) behaviour cloning; returns the results written to ``<out>/results.json``.
     Under ``torchrun`` every process runs this (see ``experiments.distributed``)."""
-    d = setup(cfg.device, cfg.dist_timeout)
-    try:
-        results = _train(cfg, d)
-    except BaseException:
-        abort(d)
-        raise
-    cleanup(d)
-    return results
+    return run(cfg.device, cfg.dist_timeout, lambda d: _train(cfg, d))
 
 
 def _train(cfg: TrainBCConfig, d: Dist) -> dict:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from experiments.common import clip_source, config_dict, parse_config
-from experiments.distributed import Dist, LossModule, abort, cleanup, is_main_process, setup
+from experiments.distributed import Dist, LossModule, is_main_process, run
 from experiments.prepare_data import default_data
 from experiments.training import (
     EpochSampler,
@@ -397,14 +397,7 @@ def train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None
     replaces the data ``cfg`` names (for tests and notebooks). Under ``torchrun`` every process
     runs this (``experiments.distributed``): each takes its share of the global batch and draws
     its own training gazes; rank 0 alone evaluates and writes."""
-    d = setup(cfg.device, cfg.dist_timeout)
-    try:
-        result = _train(cfg, sources, d)
-    except BaseException:
-        abort(d)
-        raise
-    cleanup(d)
-    return result
+    return run(cfg.device, cfg.dist_timeout, lambda d: _train(cfg, sources, d))
 
 
 def _train(cfg: TrainReconConfig, sources: tuple[VideoSource, VideoSource] | None, d: Dist) -> TrainResult:

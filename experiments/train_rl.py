@@ -70,7 +70,7 @@ from experiments.common import (
     resolve_device,
     seed_everything,
 )
-from experiments.distributed import Dist, abort, cleanup, setup
+from experiments.distributed import Dist, run
 from experiments.prepare_data import default_data
 from experiments.training import (
     EpochSampler,
@@ -502,14 +502,7 @@ def train(cfg: TrainRLConfig) -> dict:
     Under ``torchrun`` every process runs this (``experiments.distributed``): each rolls out its
     share of the step's clips (whole groups), gradients are summed over the processes, rank 0
     alone evaluates and writes."""
-    d = setup(cfg.device, cfg.dist_timeout)
-    try:
-        results = _train(cfg, d)
-    except BaseException:
-        abort(d)
-        raise
-    cleanup(d)
-    return results
+    return run(cfg.device, cfg.dist_timeout, lambda d: _train(cfg, d))
 
 
 def _clip_generators(cfg: TrainRLConfig, d: Dist, step: int, device: torch.device) -> list[torch.Generator]:
