@@ -75,6 +75,11 @@ class Dist:
         return self.rank == 0
 
     @property
+    def multi(self) -> bool:
+        """More than one process: the collectives below communicate (else they are no-ops)."""
+        return self.enabled and self.world_size > 1
+
+    @property
     def backend(self) -> str | None:
         return dist.get_backend() if self.enabled else None
 
@@ -113,13 +118,13 @@ class Dist:
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of ``t`` over ranks (a new tensor; no gradient)."""
         t = t.detach().clone()
-        if self.enabled and self.world_size > 1:
+        if self.multi:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def all_mean(self, values: Mapping[str, float]) -> dict[str, float]:
         """Mean over ranks of scalar diagnostics (one collective for all of them)."""
-        if not (self.enabled and self.world_size > 1) or not values:
+        if not self.multi or not values:
             return dict(values)
         t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
         t = self.all_sum(t) / self.world_size
@@ -127,13 +132,13 @@ class Dist:
 
     def weighted_mean(self, value: float, weight: float) -> float:
         """``sum(value * weight) / sum(weight)`` over ranks (means of shards of unequal size)."""
-        if not (self.enabled and self.world_size > 1):
+        if not self.multi:
             return value
         t = self.all_sum(torch.tensor([value * weight, weight], dtype=torch.float64, device=self.device))
         return float(t[0] / t[1]) if float(t[1]) > 0 else float("nan")
 
     def barrier(self) -> None:
-        if self.enabled and self.world_size > 1:
+        if self.multi:
             if self.backend == "nccl":
                 dist.barrier(device_ids=[self.device.index])
             else:
@@ -141,7 +146,7 @@ class Dist:
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable objects)."""
-        if not (self.enabled and self.world_size > 1):
+        if not self.multi:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
