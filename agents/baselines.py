@@ -214,7 +214,7 @@ class ViewErrorCache:
         t = state.frame_t[rows]
         stale = (self._frame[rows] != t).nonzero()[:, 0]  # (S,) positions in `rows`
         if stale.numel():
-            views = state.aux["views"][rows[stale]].float().div_(255)  # (S, k, 3, H, W)
+            views = params.reconstructor.views(state, rows[stale]).float().div_(255)  # (S, k, 3, H, W)
             err = params.loss.pixel_error(target[stale, None], views).sum(dim=2)  # (S, k, H, W)
             self._err[rows[stale]] = err
             self._frame[rows[stale]] = t[stale]

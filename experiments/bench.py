@@ -29,7 +29,7 @@ Writes a JSON file (``--out``) and adds or replaces this configuration's table i
 ``docs/benchmarks.md`` (``--markdown``). Example::
 
     python -m experiments.bench --presets tiny,small --batch-sizes 1,64,1024 --device cpu
-    python -m experiments.bench --device cuda --presets tiny,small,paper --kernel cupy
+    python -m experiments.bench --device cuda --presets tiny,small,paper --kernel torch
 """
 
 from __future__ import annotations
@@ -106,7 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,64,1024,4096", help="comma-separated numbers of parallel envs B")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated front-ends: {', '.join(MODES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the env state")
-    p.add_argument("--kernel", default="torch", choices=("torch", "cupy"), help="eager paste + reward update on CUDA")
+    p.add_argument(
+        "--kernel",
+        default="auto",
+        choices=("auto", "torch", "cupy"),
+        help="PasteReconstructor's kernel: auto (CuPy kernels on CUDA where they run), torch or cupy",
+    )
     p.add_argument("--step-mode", default="auto", choices=STEP_MODES, help="step mode of the batched front-ends")
     p.add_argument("--profile", type=int, default=0, help="profile this many more steps of each run (0: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
@@ -374,12 +379,12 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "load_before": _load(),
     }
-    if args.kernel == "cupy":
+    first_grid = get_preset(args.preset_list[0]).grid
+    meta["cupy"] = PasteReconstructor(first_grid, kernel=args.kernel).uses_kernels(device)
+    if args.kernel == "cupy" and not meta["cupy"]:
         from rewards import cuda
 
-        meta["cupy"] = cuda.available() and device.type == "cuda"
-        if not meta["cupy"]:
-            print(f"warning: --kernel cupy runs the torch code here (CuPy: {cuda.import_error() or 'no CUDA'})")
+        print(f"warning: --kernel cupy runs the torch code here ({cuda.unsupported(first_grid, device)})")
     results: list[Result] = []
     for preset in args.preset_list:
         p = get_preset(preset)
@@ -432,8 +437,8 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
     if device.type == "cuda":
         from rewards import cuda
 
-        # the FMA contraction of the fused upsizing that matched torch per grid (None: torch's upsizing)
-        meta["fused_upsample_variant"] = {"/".join(map(str, g.scales)): v for (g, _), v in cuda._fused_variant.items()}
+        # the FMA contractions (downsizing, upsizing) of the kernels that matched torch per grid (None: torch code)
+        meta["kernel_variants"] = {"/".join(map(str, g.scales)): v for (g, _), v in cuda._variants.items()}
     return results, meta
 
 

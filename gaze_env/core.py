@@ -284,19 +284,25 @@ def static_step_unsupported(params: CoreParams) -> str | None:
 
 
 def frame_end_capacity(config: GazeEnvConfig, batch_size: int) -> int:
-    """Default largest pass of ``StaticStep.frame_ends``: twice the rows expected to end a frame per
-    step once episodes drift apart (``B / budget``), at least 8, at most ``B``. More rows than that
-    (episodes ending frames in lockstep) take more passes."""
+    """Default pass of ``StaticStep.frame_ends`` that every step runs (``gaze_env.graph``): twice the
+    rows expected to end a frame per step once episodes drift apart (``B / budget``), at least 8, at
+    most ``B``. More rows than that (episodes ending frames in lockstep) take more passes."""
     return max(1, min(batch_size, max(8, math.ceil(2 * batch_size / min(config.budgets)))))
 
 
-def pass_sizes(capacity: int) -> tuple[int, ...]:
-    """The pass sizes of ``StaticStep.frame_ends``: ``capacity``, then a quarter of it, and so on
-    down to 1 (a pass costs its size whatever number of its rows moved)."""
+def pass_sizes(capacity: int, batch_size: int | None = None) -> tuple[int, ...]:
+    """The pass sizes of ``StaticStep.frame_ends``, descending: ``capacity`` times 4, 16, ... up to
+    ``batch_size`` (for frames ending in lockstep, e.g. episodes started together), ``capacity``,
+    then a quarter of it, and so on down to 1 (a pass costs its size whatever number of its rows
+    moved)."""
+    larger = []
+    if batch_size is not None:
+        while (larger[-1] if larger else capacity) < batch_size:
+            larger.append(min(batch_size, 4 * (larger[-1] if larger else capacity)))
     sizes = [capacity]
     while sizes[-1] > 1:
         sizes.append(math.ceil(sizes[-1] / 4))
-    return tuple(sizes)
+    return tuple(reversed(larger)) + tuple(sizes)
 
 
 def plan_passes(moved: int, sizes: tuple[int, ...]) -> list[int]:
@@ -339,8 +345,8 @@ class StaticStep:
     Args:
         state: the batch it steps (its tensors are read and written in place, never replaced).
         validate: gate the step on every action being valid (see above).
-        capacity: the largest ``frame_ends`` pass (default ``frame_end_capacity``); ``sizes`` are
-            ``pass_sizes(capacity)``.
+        capacity: the usual ``frame_ends`` pass (default ``frame_end_capacity``); ``sizes`` are
+            ``pass_sizes(capacity, B)``, larger ones for frames that end in lockstep.
         frame_out, canvas_out: optional (B, 3, H, W) uint8 observation buffers kept equal to the
             current frame and to the canvas (written only where they change).
     """
@@ -363,7 +369,7 @@ class StaticStep:
         if not 1 <= C <= B:
             raise ValueError(f"capacity must lie in [1, B={B}], got {C}")
         self.params, self.state, self.validate, self.capacity = params, state, bool(validate), C
-        self.sizes = pass_sizes(C)
+        self.sizes = pass_sizes(C, B)
         self.frame_out, self.canvas_out = frame_out, canvas_out
         self.action = torch.full((B,), params.config.grid.num_patches, dtype=torch.int64, device=device)  # input
         self.flags = torch.zeros(3, dtype=torch.int64, device=device)  # all valid, rows moved, rows terminated
@@ -445,26 +451,32 @@ class StaticStep:
         valid = slots < self.flags[1]  # (C,) bool: a moved row
         rows = self.order[slots % B]  # (C,) distinct rows (C <= B); past the moved ones, unmoved rows
         t = state.t[rows].clamp(max=T - 1)  # (C,)
-        frames = state.video[rows, t]  # (C, 3, H, W) uint8
-        params.reconstructor.begin_frame_static(state, rows, valid, frames, frame_out=self.frame_out)
-        err, loss = self._scores(frames, rows)  # (C,) float64, (C,) float32
+        pixel_error = params.loss.pixel_error
+        err = params.reconstructor.begin_frame_static(
+            state, rows, valid, frame_out=self.frame_out, pixel_error=pixel_error
+        )  # (C,) float64 when the reconstructor scored the frames in the same pass, else None
+        if err is None:
+            err, loss = self._scores(rows, t, valid)  # (C,) float64, (C,) float32 (meaningful where valid)
+        else:
+            loss = params.loss.reduce(err / state.canvas[0].numel()).float()
         state.err_sum[rows] = torch.where(valid, err, state.err_sum[rows])
         state.loss[rows] = torch.where(valid, loss, state.loss[rows])
         state.frame_start_loss[rows, t] = torch.where(valid, loss, state.frame_start_loss[rows, t])
         tr.next_start_loss[rows] = torch.where(valid, loss, tr.next_start_loss[rows])
 
-    def _scores(self, frames: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_pixel_scores`` of ``frames`` against the canvas of ``rows``; on CUDA one CuPy pass
-        over the uint8 pixels when it applies (l1, mse, psnr)."""
+    def _scores(self, rows: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_pixel_scores`` of frames ``t`` (C,) of rows ``rows`` (C,) against their canvas; on CUDA
+        one CuPy pass over the uint8 pixels of the ``valid`` (C,) rows when it applies (l1, mse,
+        psnr)."""
         params, state = self.params, self.state
         if state.device.type == "cuda":
             from rewards import cuda
 
             mode = cuda.pixel_error_mode(params.loss.pixel_error)
-            if mode is not None and mode >= 0 and cuda.usable(state, params.loss.pixel_error):
-                err = cuda.frame_error(frames, state.canvas, rows, mode)
+            if mode is not None and mode >= 0 and cuda.available() and state.video.is_contiguous():
+                err = cuda.frame_error(state.video, state.t, state.canvas, rows, mode, valid)
                 return err, params.loss.reduce(err / state.canvas[0].numel()).float()
-        return _pixel_scores(params, frames, state.canvas[rows])
+        return _pixel_scores(params, state.video[rows, t], state.canvas[rows])
 
 
 # ---- observation -----------------------------------------------------------------------------

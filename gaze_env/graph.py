@@ -14,10 +14,11 @@ Step modes (the front-ends' ``step_mode`` argument):
   paste reconstructor and a per-pixel loss: l1, mse or psnr, see
   ``core.static_step_unsupported``), else ``"eager"``.
 
-A step of ``StepRunner`` copies the actions in, replays the step graph, reads back three
-counters (the one host sync: were all actions valid, how many rows moved to a new frame, how many
-episodes ended) and replays frame-end graphs of fixed sizes (``core.pass_sizes``) until they
-covered the moved rows (``core.plan_passes``). Observations,
+A step of ``StepRunner`` copies the actions in, replays the step graph (the step and the frame-end
+work of the first ``capacity`` rows that moved to a new frame), reads back three counters (the one
+host sync: were all actions valid, how many rows moved, how many episodes ended) and, when more
+than ``capacity`` rows moved, replays frame-end graphs of fixed sizes (``core.pass_sizes``) until
+they covered them (``core.plan_passes``). Observations,
 infos and the built-in rewards are written by the graphs into tensors the runner owns and reuses
 every step (``obs``, ``info``, ``reward``): the ``frame`` buffer changes only in the rows that
 moved to a new frame, the ``canvas`` buffer only where a gaze pasted. The front-ends hand these
@@ -84,7 +85,8 @@ class StepRunner:
         reward_fn: the env's reward.
         validate: a batch with an invalid action raises ``ValueError`` and changes nothing.
         capture: capture CUDA graphs (``state`` on CUDA); False runs the same code op by op.
-        capacity: rows of the largest frame-end pass (default ``core.frame_end_capacity``).
+        capacity: rows of the frame-end pass inside every step (default ``core.frame_end_capacity``);
+            more moved rows take more passes (``core.pass_sizes``).
     """
 
     def __init__(
@@ -160,8 +162,8 @@ class StepRunner:
         if not ok:
             message = core.invalid_action_message(self.params, self.state, static.action)
             raise ValueError(message or "invalid action")
-        offset = 0
-        for size in core.plan_passes(moved, static.sizes):
+        offset = static.capacity  # the step itself did the first pass (see _step_fn)
+        for size in core.plan_passes(max(0, moved - offset), static.sizes):
             static.offset.fill_(offset)
             if self._graphs is not None:
                 self._graphs[size].replay()
@@ -191,10 +193,14 @@ class StepRunner:
             self.info[key].copy_(value)
 
     def _step_fn(self) -> None:
+        """The step and its first frame-end pass (the first ``capacity`` moved rows, usually all of
+        them): one graph, so the GPU does not wait for the host between the two."""
         self.static.run()
         self._observe()
         if self.reward is not None:
             self.reward.copy_(self.reward_fn(self.static.transition).float())
+        self.static.offset.zero_()
+        self._frame_end_fn(self.static.capacity)
 
     def _frame_end_fn(self, size: int) -> None:
         self.static.frame_ends(size)

@@ -129,6 +129,7 @@ class AutoGazeVectorEnv(VectorEnv):
         self._seeded = False
         self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)  # (B,)
         self._restart_pending = False  # some env may be marked in _autoreset (known without a sync)
+        self._present = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)  # info's "_<key>" masks
 
     # ---- Gymnasium API ---------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -179,6 +180,7 @@ class AutoGazeVectorEnv(VectorEnv):
             reward = self.reward_fn(tr).float()  # (B,)
             terminated = tr.terminated.clone()  # (B,)
             ended_any = None  # known only through a sync
+            runner = None
         else:
             runner = self._stepper()
             tr = runner.step(action)
@@ -200,12 +202,13 @@ class AutoGazeVectorEnv(VectorEnv):
             if bool(ended.any()) if ended_any is None else ended_any:
                 info = self._final(ended)
                 self._start(ended.nonzero()[:, 0])
-        info.update(self._info(torch.ones(self.num_envs, dtype=torch.bool, device=self.device)))
+        live = runner if runner is not None and self._runner is runner else None  # the runner that stepped
+        info.update(self._info(self._present, live))
         if self.return_tensors:
-            return self._obs(), reward, terminated, truncated, info
+            return self._obs(live), reward, terminated, truncated, info
         # numpy results are fresh arrays (``.numpy()`` of a CPU tensor would share a reused buffer)
         terminated_np, truncated_np = terminated.cpu().numpy().copy(), truncated.cpu().numpy()
-        return self._obs(), reward.double().cpu().numpy(), terminated_np, truncated_np, info
+        return self._obs(live), reward.double().cpu().numpy(), terminated_np, truncated_np, info
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         if self.render_mode != "rgb_array" or self.state is None:
@@ -296,14 +299,15 @@ class AutoGazeVectorEnv(VectorEnv):
             batch = {k: v.clone() for k, v in batch.items()}
         return to_numpy(batch)
 
-    def _obs(self) -> dict[str, Any]:
-        runner = self._live_runner()
+    def _obs(self, runner: StepRunner | None = None) -> dict[str, Any]:
+        """The observation; ``runner``: the live runner when the caller knows it (skips the check)."""
+        runner = runner or self._live_runner()
         if runner is not None:
             return self._convert(dict(runner.obs), reused=True)
         return self._convert(core.observe(self.params, self.state))
 
-    def _info(self, present: torch.Tensor) -> dict[str, Any]:
-        runner = self._live_runner()
+    def _info(self, present: torch.Tensor, runner: StepRunner | None = None) -> dict[str, Any]:
+        runner = runner or self._live_runner()
         info = dict(runner.info) if runner is not None else core.info(self.params, self.state)
         info.update({f"_{k}": present for k in list(info)})
         return self._convert(info, reused=runner is not None)

@@ -1,24 +1,36 @@
-"""Optional CuPy kernels for the environment's hot path, each with the torch reference it must equal.
+"""Optional CuPy kernels for the environment's hot path on CUDA, each with the torch reference it
+must equal bit for bit.
 
-- ``paste_gaze`` fuses ``PasteReconstructor``'s per-gaze update into one launch: paste the gazed
-  square into the canvas (finer scales kept), optionally mirror it into an observation buffer, and
-  sum the change of the l1 / mse pixel error over it. One warp per env row and chunk of its square,
-  so the work is the gazed squares and nothing else.
-  Reference: ``rewards.reconstruct.paste_gaze``; the canvas and level map are bit-identical to it,
-  the per-element error changes too, and the delta is their float64 sum.
-- ``write_views`` stores the scale views of the frames that rows moved to (the frame-end work of
-  ``PasteReconstructor.begin_frame_static``): torch's antialiased downsizing as
-  ``PatchGrid.scale_views`` does it, then one kernel per scale upsizes (torch's bilinear formula,
-  its FMA contraction matched against torch at run time), rounds, clamps and converts to uint8 straight
-  into the rows of ``state.aux["views"]``: the reference's float upsized copy and its ``round_`` /
-  ``clamp_`` / ``to`` / ``stack`` passes and the masked write-back become one pass. torch's own
-  upsizing kernel loops over the batch in each thread, so it was also the slowest part of a frame
-  end. Reference: ``PatchGrid.scale_views``, bit-identical.
-- ``frame_error`` sums the l1 / mse pixel error of whole frames against canvas rows (rescoring at
-  frame starts) in one pass over the uint8 pixels, per-block float64 partial sums added by torch.
-  Reference: ``pixel_error(target / 255, canvas / 255)`` summed in float64 (``core._score_rows``).
+On CUDA a ``PasteReconstructor`` (``kernel="auto"`` or ``"cupy"``) keeps, per row, the frame
+downsized to each coarse scale in float32 (``state.aux["lowres"]`` (B, L), ``L = 3 * sum s^2`` over
+the coarse scales, see ``lowres_layout``) instead of the full-resolution scale views of the torch
+path (``state.aux["views"]`` (B, k, 3, H, W) uint8): a frame start writes 207 KiB per row at
+paper size instead of k full-size views (588 KiB), and each gaze upsizes only the square it
+pastes.
 
-Per-element values round exactly as torch's CUDA ops do (torch divides a CUDA tensor by a Python
+- ``begin_rows`` is the frame-start work of rows that moved to a new frame: torch's antialiased
+  bilinear downsizing (``PatchGrid.resize``, as ``PatchGrid.scale_views`` calls it) of each row's
+  current frame, read straight from the clip, into its ``lowres`` row; the level map reset; the
+  frame mirrored into an observation buffer and (optionally) scored against the carried canvas.
+  Rows flagged invalid are left alone, so a fixed-size pass over a partly filled row list does
+  only the real rows' work.
+- ``paste_gaze`` fuses ``PasteReconstructor``'s per-gaze update into one launch: each pixel of the
+  gazed square (finer scales kept) gets torch's bilinear upsizing of the ``lowres`` plane, rounded
+  to uint8 (the finest scale: the frame itself); the canvas (and optionally an observation mirror)
+  is written and the change of the l1 / mse pixel error summed. ``PASTE_SPLIT`` blocks per env row.
+- ``frame_error`` sums the l1 / mse pixel error of rows' current frames (read from the clips)
+  against their canvas (rescoring at frame starts) in one pass over the uint8 pixels.
+
+References: ``PatchGrid.scale_views`` + ``rewards.reconstruct.paste_gaze`` (canvas and level map
+bit-identical, per-element error changes too, the delta their float64 sum) and
+``pixel_error(target / 255, canvas / 255)`` summed in float64 (``core._score_rows``).
+
+Exactness. The downsizing and upsizing follow torch's CUDA formulas operation by operation; how
+torch's build contracted them into FMAs is not promised, so each kernel has a few contraction
+``variant``s and the one that equals torch on this device is picked at first use from random
+frames (``lowres_variants``); with none, the reconstructor keeps the torch path (warning when
+``kernel="cupy"`` asked for the kernels).
+Per-element errors round exactly as torch's CUDA ops do (torch divides a CUDA tensor by a Python
 scalar as ``x * (1 / 255)``; the ``_rn`` intrinsics are never contracted into FMAs). The float64
 sums then differ from torch's only in summation order: for l1 every partial sum is exact (the
 values are multiples of 2^-31 below 2^17), so the results are identical; for mse they agree to
@@ -26,8 +38,7 @@ float64 rounding.
 
 Kernels are launched with raw device pointers on torch's current stream, with no CuPy arrays or
 allocations, so they can be captured in a CUDA graph (``gaze_env.graph``) once they were compiled
-by a first, eager call. Used by a ``PasteReconstructor`` built with ``kernel="cupy"`` (eager
-steps) and by the static / graph step on CUDA; CuPy is imported lazily and nothing else needs it.
+by a first, eager call. CuPy is imported lazily and nothing else needs it.
 """
 
 from __future__ import annotations
@@ -48,155 +59,29 @@ BLOCK = 256
 """Threads per block (a power of two: the block's partial sums are reduced pairwise)."""
 
 ELEMENTS_PER_THREAD = 8
-"""Work per thread of the element-wise kernels (``write_views``, ``frame_error``)."""
+"""Work per thread of the element-wise kernels (``begin_rows``, ``frame_error``)."""
+
+MAX_TAPS = 32
+"""Most input pixels one output pixel of the antialiased downsizing reads per axis (a scale
+factor up to 15); coarser factors keep the torch path."""
 
 _SOURCE = r"""
 #define BLOCK 256
+#define MAX_TAPS 32
 // torch divides a CUDA tensor by a Python scalar as x * (1 / 255); the _rn intrinsics are never
 // contracted into FMAs, so every per-element value rounds exactly as torch's does
 #define INV255 (1.0f / 255.0f)
 
-// One warp per env row (WARPS rows per block), blockIdx.y-th chunk of `chunk` pixels of its
-// gazed square: a wide launch of short, independent warps (a block per row left most of the card
-// waiting on the few rows that gazed a coarse square).
-extern "C" __global__ void paste_gaze(
-    unsigned char* __restrict__ canvas,       // (B, 3, H, H)
-    unsigned char* __restrict__ canvas_out,   // (B, 3, H, H) mirror of the canvas, or NULL
-    signed char* __restrict__ level,          // (B, H, H)
-    const unsigned char* __restrict__ views,  // (B, K, 3, H, H)
-    const unsigned char* __restrict__ video,  // (B, T, 3, H, H)
-    const long long* __restrict__ action,     // (B,)
-    const unsigned char* __restrict__ active, // (B,) 0 / 1
-    const long long* __restrict__ frame_t,    // (B,)
-    const long long* __restrict__ table,      // (N, 3): scale, row, col
-    const int* __restrict__ region_sizes,     // (K,)
-    double* __restrict__ partial,             // (B, S): this warp's part of the row's delta
-    const int B, const int N, const int K, const int T, const int H,
-    const int mode,                           // -1 none, 0 l1, 1 mse
-    const int chunk)                          // pixels of the square per warp (blockIdx.y-th chunk)
-{
-    const int lane = threadIdx.x & 31;
-    const long long b = (long long)blockIdx.x * (BLOCK / 32) + (threadIdx.x >> 5);
-    if (b >= B) return;  // whole warps: the shuffles below stay within live warps
-    double acc = 0.0;
-    if (active[b]) {
-        long long a = action[b];
-        a = a < 0 ? 0 : (a >= N ? N - 1 : a);
-        const int k = (int)table[3 * a];
-        const int R = region_sizes[k];
-        const int begin = blockIdx.y * chunk, end = min(R * R, begin + chunk);
-        if (begin < end) {
-            const int y0 = (int)table[3 * a + 1] * R;
-            const int x0 = (int)table[3 * a + 2] * R;
-            const long long HW = (long long)H * H;
-            unsigned char* cb = canvas + b * 3 * HW;
-            unsigned char* ob = canvas_out == NULL ? NULL : canvas_out + b * 3 * HW;
-            signed char* lb = level + b * HW;
-            const unsigned char* vb = views + (b * K + k) * 3 * HW;
-            const unsigned char* tb = video + (b * T + frame_t[b]) * 3 * HW;
-            for (int p = begin + lane; p < end; p += 32) {
-                const long long off = (long long)(y0 + p / R) * H + (x0 + p % R);
-                if (lb[off] <= k) {
-                    for (int c = 0; c < 3; ++c) {
-                        const long long o = c * HW + off;
-                        const unsigned char before = cb[o], after = vb[o];
-                        if (mode >= 0 && before != after) {
-                            const float t = __fmul_rn((float)tb[o], INV255);
-                            float eb = __fsub_rn(t, __fmul_rn((float)before, INV255));
-                            float ea = __fsub_rn(t, __fmul_rn((float)after, INV255));
-                            if (mode == 0) {
-                                eb = fabsf(eb);
-                                ea = fabsf(ea);
-                            } else {
-                                eb = __fmul_rn(eb, eb);
-                                ea = __fmul_rn(ea, ea);
-                            }
-                            acc += (double)__fsub_rn(ea, eb);
-                        }
-                        cb[o] = after;
-                        if (ob != NULL) ob[o] = after;
-                    }
-                    lb[off] = (signed char)k;
-                }
-            }
-        }
-    }
-    for (int s = 16; s > 0; s >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s);
-    if (lane == 0 && mode >= 0) partial[b * gridDim.y + blockIdx.y] = acc;
-}
-
-// One scale view of the rows that moved to a new frame: views[rows[c], k] = round(clamp(up[c]))
-// (or frames[c] itself for the finest scale, up == NULL, also copied to frame_out[rows[c]] when
-// given); level[rows[c]] = -1 when level is given. Rows with valid[c] == 0 are left alone.
-// Grid: (x blocks over the n pixels, C rows).
-extern "C" __global__ void write_view(
-    const float* __restrict__ up,             // (C, n) the view resized back to H, or NULL
-    const unsigned char* __restrict__ frames, // (C, n) the frames (used when up is NULL)
-    const long long* __restrict__ rows,       // (C,)
-    const bool* __restrict__ valid,           // (C,)
-    unsigned char* __restrict__ views,        // (B, K, n)
-    signed char* __restrict__ level,          // (B, hw) or NULL
-    unsigned char* __restrict__ frame_out,    // (B, n) or NULL
-    const long long n, const long long hw, const int k, const int K)
-{
-    const int c = blockIdx.y;
-    if (!valid[c]) return;
-    const long long row = rows[c];
-    unsigned char* dst = views + (row * K + k) * n;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        if (up != NULL) {
-            // torch: v.round_().clamp_(0, 255).to(torch.uint8); round_ is rint (half to even)
-            const float v = fminf(fmaxf(rintf(up[(long long)c * n + i]), 0.0f), 255.0f);
-            dst[i] = (unsigned char)v;
-        } else {
-            const unsigned char v = frames[(long long)c * n + i];
-            dst[i] = v;
-            if (frame_out != NULL) frame_out[row * n + i] = v;
-        }
-        if (level != NULL && i < hw) level[row * hw + i] = -1;
-    }
-}
-
-// partial[c, x] = sum over this block's pixels of pixel_error(target[c] / 255, canvas[rows[c]] / 255)
-// in float64; mode 0 l1, 1 mse. Grid: (G blocks over the n pixels, C rows).
-extern "C" __global__ void frame_error(
-    const unsigned char* __restrict__ target, // (C, n)
-    const unsigned char* __restrict__ canvas, // (B, n)
-    const long long* __restrict__ rows,       // (C,)
-    double* __restrict__ partial,             // (C, G)
-    const long long n, const int mode)
-{
-    __shared__ double buf[BLOCK];
-    const int c = blockIdx.y;
-    const unsigned char* tb = target + (long long)c * n;
-    const unsigned char* cb = canvas + rows[c] * n;
-    double acc = 0.0;
-    const long long stride = (long long)gridDim.x * BLOCK;
-    for (long long i = (long long)blockIdx.x * BLOCK + threadIdx.x; i < n; i += stride) {
-        float e = __fsub_rn(__fmul_rn((float)tb[i], INV255), __fmul_rn((float)cb[i], INV255));
-        e = mode == 0 ? fabsf(e) : __fmul_rn(e, e);
-        acc += (double)e;
-    }
-    buf[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = BLOCK / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partial[(long long)c * gridDim.x + blockIdx.x] = buf[0];
-}
-
-// torch's area_pixel_compute_source_index (align_corners=False, not cubic); `fused`: whether the
-// compiler contracted scale * x - 0.5 into one FMA (what torch's build did is found at run time)
+// ---- torch's bilinear upsizing (upsample_bilinear2d_out_frame, align_corners=False) ---------
+// area_pixel_compute_source_index (not cubic); `fused`: whether scale * x - 0.5 is one FMA
 __device__ __forceinline__ float source_index(const float scale, const int dst, const bool fused) {
     const float x = dst + 0.5f;
     const float src = fused ? __fmaf_rn(scale, x, -0.5f) : __fsub_rn(__fmul_rn(scale, x), 0.5f);
     return src < 0.0f ? 0.0f : src;
 }
 
-// torch's bilinear value h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d), with each way a
-// compiler may contract it into FMAs (form 0: none; 1 to 4: which product of each sum is fused)
+// h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d), in each way a compiler may contract it into
+// FMAs (form 0: none; 1 to 4: which product of each sum is fused)
 __device__ __forceinline__ float bilinear(
     const int form, const float h0, const float h1, const float w0, const float w1,
     const float a, const float b, const float c, const float d)
@@ -213,67 +98,390 @@ __device__ __forceinline__ float bilinear(
     return outer_first ? __fmaf_rn(h0, top, __fmul_rn(h1, bottom)) : __fmaf_rn(h1, bottom, __fmul_rn(h0, top));
 }
 
-// views[rows[c], k] = uint8(clamp(round(up(down[c])))) for the rows with valid[c], where up is
-// torch's bilinear upsample_bilinear2d_out_frame (align_corners=False, no scale factors) in the
-// FMA contraction `variant` (bit 0: source index fused; bits 1..: bilinear form) that equals
-// torch's on this device (found at run time, see _fused_upsample_variant); raw, when given,
-// receives the float values before rounding. Grid: (x blocks over the 3 H H pixels, C rows).
-extern "C" __global__ void upsample_view(
-    const float* __restrict__ down,           // (C, 3, s, s)
+// pixel (y, x) of the s x s plane upsized to H (rscale = s / H) in contraction `variant`
+// (bit 0: source index fused; bits 1..: bilinear form)
+__device__ __forceinline__ float upsample_at(
+    const float* __restrict__ plane, const int s, const float rscale, const int y, const int x, const int variant)
+{
+    const bool fused = variant & 1;
+    const float hr = source_index(rscale, y, fused);
+    const int h1 = hr;
+    const int hp = (h1 < s - 1) ? 1 : 0;
+    const float hl = hr - h1;
+    const float wr = source_index(rscale, x, fused);
+    const int w1 = wr;
+    const int wp = (w1 < s - 1) ? 1 : 0;
+    const float wl = wr - w1;
+    return bilinear(variant >> 1, 1.0f - hl, hl, 1.0f - wl, wl,
+                    plane[h1 * s + w1], plane[h1 * s + w1 + wp],
+                    plane[(h1 + hp) * s + w1], plane[(h1 + hp) * s + w1 + wp]);
+}
+
+// torch: v.round_().clamp_(0, 255).to(torch.uint8); round_ is rint (half to even)
+__device__ __forceinline__ unsigned char to_pixel(const float v) {
+    return (unsigned char)fminf(fmaxf(rintf(v), 0.0f), 255.0f);
+}
+
+// pixel_error(target / 255, recon / 255) of one uint8 pair as torch's CUDA ops round it; mode 0
+// l1, 1 mse
+__device__ __forceinline__ double pixel_error(const unsigned char target, const unsigned char recon, const int mode) {
+    const float e = __fsub_rn(__fmul_rn((float)target, INV255), __fmul_rn((float)recon, INV255));
+    return (double)(mode == 0 ? fabsf(e) : __fmul_rn(e, e));
+}
+
+// ---- torch's antialiased bilinear downsizing (upsample_gen2d_aa_out_frame) ---------------
+// The span of input pixels output pixel `i` of every coarse scale reads and their normalised
+// triangle-filter weights (torch's _compute_weights_span and _compute_weights, bilinear filter of
+// support 1 * scale), the same along both axes: spans[j] = first input, spans[J + j] = count,
+// weights[tap * J + j] (output indices side by side: a warp reads one line per tap),
+// j = bases[k] + i. One thread per (scale, output index).
+extern "C" __global__ void aa_table(
+    const int* __restrict__ sizes,            // (S,) coarse scale sides
+    const int* __restrict__ bases,            // (S + 1,) first j of each scale
+    int* __restrict__ spans,                  // (2, J)
+    float* __restrict__ weights,              // (MAX_TAPS, J)
+    const int S, const int H)
+{
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int J = bases[S];
+    if (j >= J) return;
+    int k = 0;
+    while (j >= bases[k + 1]) ++k;
+    const int i = j - bases[k];
+    const float scale = __fdiv_rn((float)H, (float)sizes[k]);
+    const float support = scale >= 1.0f ? scale : 1.0f;
+    const float center = __fmul_rn(scale, __fadd_rn((float)i, 0.5f));
+    const int lo = max((int)__fadd_rn(__fsub_rn(center, support), 0.5f), 0);
+    const int size = min(min((int)__fadd_rn(__fadd_rn(center, support), 0.5f), H) - lo, MAX_TAPS);
+    const float invscale = scale >= 1.0f ? (float)(1.0 / (double)scale) : 1.0f;
+    const float offset = __fsub_rn((float)lo, center);
+    float total = 0.0f;
+    for (int t = 0; t < size; ++t) {
+        float x = __fmul_rn(__fadd_rn(__fadd_rn((float)t, offset), 0.5f), invscale);
+        x = x < 0.0f ? -x : x;
+        const float v = x < 1.0f ? __fsub_rn(1.0f, x) : 0.0f;
+        weights[t * J + j] = v;
+        total = __fadd_rn(total, v);
+    }
+    for (int t = 0; t < MAX_TAPS; ++t) {
+        const float v = t < size ? weights[t * J + j] : 0.0f;
+        weights[t * J + j] = t < size && total != 0.0f ? __fdiv_rn(v, total) : v;
+    }
+    spans[j] = lo;
+    spans[J + j] = size;
+}
+
+// The frame-start work of the rows that moved to a new frame. Grid: (D + F blocks, C rows).
+// The first D blocks downsize, block d doing band d of bands (D, 4): scale k, channel ch, output
+// rows [o0, o0 + no) of lowres[rows[c]] for frame video[rows[c], min(t[rows[c]], T - 1)] as torch
+// computes them, separably: first the x pass over each input line the band's rows read (torch's
+// interpolate_aa_single_dim, the same value whichever output row asks for it) into shared memory,
+// then the y pass; each later term fused into the running sum when `aa_fused`. The other F blocks
+// set level[rows[c]] = -1 and frame_out[rows[c]] = the frame (each when not NULL), 16 bytes at a
+// time when `vec`, and, with `canvas`, sum the pixel error of the frame against canvas[rows[c]]
+// (frame_error's value) into partial[c, block]. Rows with valid[c] == 0 (valid not NULL) are left
+// alone (their partial sums too: the caller masks them).
+extern "C" __global__ void begin_rows(
+    const unsigned char* __restrict__ video,  // (B, T, 3, H, H)
+    const long long* __restrict__ frame_t,    // (B,) frame index of each row (clamped to T - 1)
     const long long* __restrict__ rows,       // (C,)
-    const bool* __restrict__ valid,           // (C,)
-    unsigned char* __restrict__ views,        // (B, K, 3, H, H)
-    float* __restrict__ raw,                  // (C, 3, H, H) or NULL
-    const int s, const int H, const float rscale, const int k, const int K, const int variant)
+    const bool* __restrict__ valid,           // (C,) or NULL
+    float* __restrict__ lowres,               // (B, L) or NULL
+    signed char* __restrict__ level,          // (B, H, H) or NULL
+    unsigned char* __restrict__ frame_out,    // (B, 3, H, H) or NULL
+    const int* __restrict__ bands,            // (D, 4): k, ch, o0, no
+    const int* __restrict__ sizes,            // (S,) coarse scale sides
+    const int* __restrict__ offsets,          // (S + 1,) starts of each scale's (3, s, s) in a row of L
+    const int* __restrict__ bases,            // (S + 1,) of aa_table
+    const int* __restrict__ spans,            // (2, J) of aa_table
+    const float* __restrict__ weights,        // (MAX_TAPS, J) of aa_table
+    const unsigned char* __restrict__ canvas, // (B, 3, H, H) or NULL: score the frame against it
+    double* __restrict__ partial,             // (C, F) per-block error sums (with canvas)
+    const int S, const int T, const int H, const int D, const int aa_fused, const int vec,
+    const int mode)                           // with canvas: 0 l1, 1 mse
+{
+    extern __shared__ float lines[];          // (input lines of the band, s)
+    __shared__ double buf[BLOCK / 32];
+    const int c = blockIdx.y;
+    if (valid != NULL && !valid[c]) return;
+    const long long row = rows[c];
+    const long long t = min(frame_t[row], (long long)(T - 1));
+    const long long hw = (long long)H * H, n = 3 * hw;
+    const unsigned char* frame = video + (row * T + t) * n;
+    if ((int)blockIdx.x < D) {
+        if (lowres == NULL) return;
+        const int* band = bands + 4 * blockIdx.x;
+        const int k = band[0], ch = band[1], o0 = band[2], no = band[3];
+        const int s = sizes[k], J = bases[S], base = bases[k];
+        const int y_lo = spans[base + o0];
+        const int y_hi = spans[base + o0 + no - 1] + spans[J + base + o0 + no - 1];  // exclusive
+        const unsigned char* plane = frame + ch * hw;
+        for (int e = threadIdx.x; e < (y_hi - y_lo) * s; e += BLOCK) {
+            const int l = e / s, ox = e % s;
+            const int jx = base + ox;
+            const int x0 = spans[jx], nx = spans[J + jx];
+            const unsigned char* px = plane + (long long)(y_lo + l) * H + x0;
+            float r = __fmul_rn((float)px[0], weights[jx]);
+            for (int x = 1; x < nx; ++x) {
+                const float w = weights[x * J + jx];
+                r = aa_fused ? __fmaf_rn((float)px[x], w, r) : __fadd_rn(r, __fmul_rn((float)px[x], w));
+            }
+            lines[e] = r;
+        }
+        __syncthreads();
+        float* out = lowres + row * offsets[S] + offsets[k] + ch * s * s;
+        for (int e = threadIdx.x; e < no * s; e += BLOCK) {
+            const int oy = o0 + e / s, ox = e % s;
+            const int jy = base + oy;
+            const int y0 = spans[jy] - y_lo, ny = spans[J + jy];
+            float v = __fmul_rn(lines[y0 * s + ox], weights[jy]);
+            for (int y = 1; y < ny; ++y) {
+                const float w = weights[y * J + jy];
+                const float r = lines[(y0 + y) * s + ox];
+                v = aa_fused ? __fmaf_rn(r, w, v) : __fadd_rn(v, __fmul_rn(r, w));
+            }
+            out[oy * s + ox] = v;
+        }
+        return;
+    }
+    const int F = gridDim.x - D;
+    const unsigned char* cv = canvas == NULL ? NULL : canvas + row * n;
+    double acc = 0.0;
+    if (vec) {  // n and hw multiples of 16: 16-byte words
+        const uint4* src = reinterpret_cast<const uint4*>(frame);
+        const uint4* cw = reinterpret_cast<const uint4*>(cv);
+        uint4* dst = frame_out == NULL ? NULL : reinterpret_cast<uint4*>(frame_out + row * n);
+        uint4* lv = level == NULL ? NULL : reinterpret_cast<uint4*>(level + row * hw);
+        const uint4 ones = make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);
+        for (long long i = (long long)(blockIdx.x - D) * BLOCK + threadIdx.x; i < n / 16; i += (long long)F * BLOCK) {
+            const uint4 word = src[i];
+            if (dst != NULL) dst[i] = word;
+            if (lv != NULL && i < hw / 16) lv[i] = ones;
+            if (cv != NULL) {
+                const uint4 other = cw[i];
+                const unsigned int a[4] = {word.x, word.y, word.z, word.w};
+                const unsigned int o[4] = {other.x, other.y, other.z, other.w};
+                #pragma unroll
+                for (int j = 0; j < 16; ++j) {
+                    const int sh = 8 * (j & 3);
+                    acc += pixel_error((a[j >> 2] >> sh) & 255u, (o[j >> 2] >> sh) & 255u, mode);
+                }
+            }
+        }
+    } else {
+        for (long long i = (long long)(blockIdx.x - D) * BLOCK + threadIdx.x; i < n; i += (long long)F * BLOCK) {
+            if (frame_out != NULL) frame_out[row * n + i] = frame[i];
+            if (level != NULL && i < hw) level[row * hw + i] = -1;
+            if (cv != NULL) acc += pixel_error(frame[i], cv[i], mode);
+        }
+    }
+    if (cv == NULL) return;
+    for (int s2 = 16; s2 > 0; s2 >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s2);
+    if ((threadIdx.x & 31) == 0) buf[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < BLOCK / 32; ++w) total += buf[w];
+        partial[(long long)c * F + (blockIdx.x - D)] = total;
+    }
+}
+
+// The full upsizing of one lowres scale (C rows, grid: (x blocks, C)) as raw floats: the probe
+// that picks the contraction variant of paste_gaze's upsizing against torch's.
+extern "C" __global__ void upsample_probe(
+    const float* __restrict__ down,           // (C, 3, s, s)
+    float* __restrict__ out,                  // (C, 3, H, H)
+    const int s, const int H, const float rscale, const int variant)
 {
     const int c = blockIdx.y;
-    if (!valid[c]) return;
-    const bool fused_index = variant & 1;
-    const int form = variant >> 1;
     const long long hw = (long long)H * H, n = 3 * hw;
-    unsigned char* dst = views + (rows[c] * K + k) * n;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const int ch = (int)(i / hw), pix = (int)(i % hw);
-        const int h2 = pix / H, w2 = pix % H;
         const float* plane = down + ((long long)c * 3 + ch) * s * s;
-        const float h1r = source_index(rscale, h2, fused_index);
-        const int h1 = h1r;
-        const int h1p = (h1 < s - 1) ? 1 : 0;
-        const float h1lambda = h1r - h1;
-        const float h0lambda = 1.0f - h1lambda;
-        const float w1r = source_index(rscale, w2, fused_index);
-        const int w1 = w1r;
-        const int w1p = (w1 < s - 1) ? 1 : 0;
-        const float w1lambda = w1r - w1;
-        const float w0lambda = 1.0f - w1lambda;
-        const float val = bilinear(
-            form, h0lambda, h1lambda, w0lambda, w1lambda,
-            plane[h1 * s + w1], plane[h1 * s + w1 + w1p],
-            plane[(h1 + h1p) * s + w1], plane[(h1 + h1p) * s + w1 + w1p]);
-        if (raw != NULL) raw[(long long)c * n + i] = val;
-        dst[i] = (unsigned char)fminf(fmaxf(rintf(val), 0.0f), 255.0f);
+        out[(long long)c * n + i] = upsample_at(plane, s, rscale, pix / H, pix % H, variant);
     }
+}
+
+// Grid (B, SPLIT): block (b, y) pastes part of row b's gazed square (finer scales kept). The
+// square's R columns are spread over the threads (thread tid: column tid % R, first row tid / R,
+// BLOCK / R rows at a time, R <= BLOCK), so each thread's column arithmetic is done once; block y
+// takes every SPLIT-th group of rows, UNROLL rows per thread at a time with all their loads issued
+// before any use (the work is memory latency). partial[b, y] = its part of the change of the
+// summed pixel error (when mode >= 0). FUSED and FORM are the contraction of torch's bilinear
+// upsizing that upsample_probe found equal to torch's.
+#define SPLIT 4
+#define UNROLL 2
+template <int FUSED, int FORM>
+__global__ void paste_gaze(
+    unsigned char* __restrict__ canvas,       // (B, 3, H, H)
+    unsigned char* __restrict__ canvas_out,   // (B, 3, H, H) mirror of the canvas, or NULL
+    signed char* __restrict__ level,          // (B, H, H)
+    const float* __restrict__ lowres,         // (B, L)
+    const unsigned char* __restrict__ video,  // (B, T, 3, H, H)
+    const long long* __restrict__ action,     // (B,)
+    const unsigned char* __restrict__ active, // (B,) 0 / 1
+    const long long* __restrict__ frame_t,    // (B,) (clamped to T - 1)
+    const int4* __restrict__ patches,         // (N,): scale, square side R, top, left
+    const int* __restrict__ sizes,            // (K - 1,) coarse scale sides
+    const int* __restrict__ offsets,          // (K,) starts of the coarse scales in a lowres row, then L
+    double* __restrict__ partial,             // (B, SPLIT)
+    const int N, const int K, const int T, const int H,
+    const int mode)                           // -1 none, 0 l1, 1 mse
+{
+    __shared__ double buf[BLOCK / 32];
+    const long long b = blockIdx.x;
+    const int tid = threadIdx.x;
+    double acc = 0.0;
+    if (active[b]) {
+        long long a = action[b];
+        a = a < 0 ? 0 : (a >= N ? N - 1 : a);
+        const int4 patch = patches[a];
+        const int k = patch.x, R = patch.y;
+        const int per = BLOCK / R;            // rows per pass of the block
+        const int first = tid / R + per * blockIdx.y;
+        if (tid < per * R && first < R) {
+            const int HW = H * H;
+            const bool finest = k == K - 1;
+            const int s = finest ? H : sizes[k];
+            const float rscale = __fdiv_rn((float)s, (float)H);
+            const int x = patch.w + tid % R;
+            unsigned char* cb = canvas + b * 3 * HW + x;
+            unsigned char* ob = canvas_out == NULL ? NULL : canvas_out + b * 3 * HW + x;
+            signed char* lb = level + b * HW + x;
+            const unsigned char* tb = video + (b * T + min(frame_t[b], (long long)(T - 1))) * 3 * HW + x;
+            const float* low = finest ? NULL : lowres + b * offsets[K - 1] + offsets[k];
+            int w1 = 0, w2 = 0;
+            float wl = 0.0f;
+            if (!finest) {
+                const float wr = source_index(rscale, x, FUSED);
+                w1 = wr;
+                w2 = w1 + ((w1 < s - 1) ? 1 : 0);
+                wl = wr - w1;
+            }
+            for (int r0 = first; r0 < R; r0 += per * SPLIT * UNROLL) {
+                int row[UNROLL];
+                signed char lv[UNROLL];
+                unsigned char before[UNROLL][3], target[UNROLL][3];
+                float up[UNROLL][3];
+                #pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const int r = r0 + u * per * SPLIT;
+                    row[u] = r < R ? (patch.z + r) * H : -1;
+                    if (row[u] < 0) continue;
+                    lv[u] = lb[row[u]];
+                    #pragma unroll
+                    for (int c = 0; c < 3; ++c) {
+                        before[u][c] = cb[c * HW + row[u]];
+                        target[u][c] = tb[c * HW + row[u]];
+                    }
+                    if (!finest) {
+                        const float hr = source_index(rscale, patch.z + r, FUSED);
+                        const int h1 = hr;
+                        const int h2 = h1 + ((h1 < s - 1) ? 1 : 0);
+                        const float hl = hr - h1;
+                        #pragma unroll
+                        for (int c = 0; c < 3; ++c) {
+                            const float* plane = low + c * s * s;
+                            up[u][c] = bilinear(FORM, 1.0f - hl, hl, 1.0f - wl, wl, plane[h1 * s + w1],
+                                                plane[h1 * s + w2], plane[h2 * s + w1], plane[h2 * s + w2]);
+                        }
+                    }
+                }
+                #pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (row[u] < 0 || lv[u] > k) continue;
+                    #pragma unroll
+                    for (int c = 0; c < 3; ++c) {
+                        const unsigned char after = finest ? target[u][c] : to_pixel(up[u][c]);
+                        if (mode >= 0 && before[u][c] != after) {
+                            const float tv = __fmul_rn((float)target[u][c], INV255);
+                            float eb = __fsub_rn(tv, __fmul_rn((float)before[u][c], INV255));
+                            float ea = __fsub_rn(tv, __fmul_rn((float)after, INV255));
+                            if (mode == 0) {
+                                eb = fabsf(eb);
+                                ea = fabsf(ea);
+                            } else {
+                                eb = __fmul_rn(eb, eb);
+                                ea = __fmul_rn(ea, ea);
+                            }
+                            acc += (double)__fsub_rn(ea, eb);
+                        }
+                        cb[c * HW + row[u]] = after;
+                        if (ob != NULL) ob[c * HW + row[u]] = after;
+                    }
+                    lb[row[u]] = (signed char)k;
+                }
+            }
+        }
+    }
+    if (mode < 0) return;
+    for (int s2 = 16; s2 > 0; s2 >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, s2);
+    if ((tid & 31) == 0) buf[tid >> 5] = acc;
+    __syncthreads();
+    if (tid == 0) {
+        double total = 0.0;
+        for (int w = 0; w < BLOCK / 32; ++w) total += buf[w];
+        partial[b * SPLIT + blockIdx.y] = total;
+    }
+}
+
+// partial[c, x] = sum over this block's pixels of pixel_error(frame / 255, canvas[rows[c]] / 255)
+// in float64, frame = video[rows[c], min(t[rows[c]], T - 1)]; mode 0 l1, 1 mse; 0 for invalid rows.
+// Grid: (G blocks over the n pixels, C rows).
+extern "C" __global__ void frame_error(
+    const unsigned char* __restrict__ video,  // (B, T, n)
+    const long long* __restrict__ frame_t,    // (B,)
+    const unsigned char* __restrict__ canvas, // (B, n)
+    const long long* __restrict__ rows,       // (C,)
+    const bool* __restrict__ valid,           // (C,) or NULL: rows with 0 are skipped (their sums 0)
+    double* __restrict__ partial,             // (C, G)
+    const long long n, const int T, const int mode)
+{
+    __shared__ double buf[BLOCK];
+    const int c = blockIdx.y;
+    if (valid != NULL && !valid[c]) {
+        if (threadIdx.x == 0) partial[(long long)c * gridDim.x + blockIdx.x] = 0.0;
+        return;
+    }
+    const long long row = rows[c];
+    const unsigned char* tb = video + (row * T + min(frame_t[row], (long long)(T - 1))) * n;
+    const unsigned char* cb = canvas + row * n;
+    double acc = 0.0;
+    const long long stride = (long long)gridDim.x * BLOCK;
+    for (long long i = (long long)blockIdx.x * BLOCK + threadIdx.x; i < n; i += stride) {
+        acc += pixel_error(tb[i], cb[i], mode);
+    }
+    buf[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = BLOCK / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[(long long)c * gridDim.x + blockIdx.x] = buf[0];
 }
 """
 
-PASTE_CHUNK = 256
-"""Pixels of a gazed square per warp of ``paste_gaze``: a coarse patch's square (12,544 pixels at
-paper size) spreads over many warps instead of making one the launch's long tail."""
+PASTE_SPLIT = 4
+"""Blocks per env row of ``paste_gaze`` (``SPLIT`` in the source)."""
 
-STREAMS = 4
-"""Side streams ``write_views`` spreads the antialiased downsizing over: torch's kernel runs one
-thread per output pixel and loops over the batch, so a few small calls in parallel beat one."""
+FORMS = 5
+"""FMA contractions of torch's bilinear value (see ``bilinear`` in the source)."""
+
+UPSAMPLE_VARIANTS = 2 * FORMS
+"""FMA contractions of torch's bilinear upsizing (2 source-index forms x ``FORMS`` value forms)."""
+
+AA_VARIANTS = 2
+"""FMA contractions of torch's antialiased downsizing (accumulation fused or not)."""
 
 _cupy: ModuleType | None = None
 _cupy_error: str | None = None
 _module = None
 _functions: dict[tuple[str, int], object] = {}
 _external: dict[int, object] = {}
-_side_streams: dict[int, list[torch.cuda.Stream]] = {}
-_fused_variant: dict[tuple[PatchGrid, int], int | None] = {}
-_warned = False
-_geometry: dict[tuple[PatchGrid, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_variants: dict[tuple[PatchGrid, int], tuple[int, int] | None] = {}
+_warned: set[str] = set()
+_geometry: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def cupy_module() -> ModuleType | None:
@@ -301,29 +509,46 @@ def available() -> bool:
 
 def pixel_error_mode(pixel_error: Callable | None) -> int | None:
     """Kernel mode of a loss's ``pixel_error``: -1 none (paste only), 0 l1, 1 mse / psnr; None when
-    the kernel does not implement it."""
+    the kernels do not implement it."""
     if pixel_error is None:
         return -1
     return {losses.l1.pixel_error: 0, losses.mse.pixel_error: 1}.get(pixel_error)
 
 
-def usable(state: GazeState, pixel_error: Callable | None) -> bool:
-    """Whether the kernels can run on ``state`` with this loss: CUDA tensors (contiguous), CuPy
-    importable, l1 / mse / psnr or no pixel loss. Silent (see ``supports`` for the warning)."""
-    if state.device.type != "cuda" or pixel_error_mode(pixel_error) is None or cupy_module() is None:
-        return False
-    tensors = (state.canvas, state.aux["level"], state.aux["views"], state.video)
-    return all(t.is_contiguous() for t in tensors)
+def lowres_layout(grid: PatchGrid) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The coarse scales' sides ``s`` and where each one's (3, s, s) float32 block starts in a
+    ``lowres`` row, then the row length ``L``: ((s_0, ..), (0, 3 s_0^2, .., L))."""
+    sizes = tuple(grid.scales[:-1])
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + 3 * s * s)
+    return sizes, tuple(offsets)
 
 
-def supports(state: GazeState, pixel_error: Callable | None) -> bool:
-    """``usable``, warning once when CuPy was asked for (``kernel="cupy"``) but does not import."""
-    global _warned
-    if state.device.type == "cuda" and pixel_error_mode(pixel_error) is not None and cupy_module() is None:
-        if not _warned:
-            warnings.warn(f"kernel='cupy' asked for, CuPy does not import ({_cupy_error}): using torch", stacklevel=3)
-            _warned = True
-    return usable(state, pixel_error)
+def unsupported(grid: PatchGrid, device: torch.device) -> str | None:
+    """Why the kernels cannot run ``grid`` on ``device`` (None when they can): no CUDA device, no
+    CuPy, a downsizing factor over ``MAX_TAPS`` taps, or no FMA contraction that rounds as torch
+    does here (found once per grid and device, see ``lowres_variants``)."""
+    if device.type != "cuda":
+        return f"the kernels run on CUDA, not {device}"
+    if cupy_module() is None:
+        return f"CuPy does not import ({_cupy_error})"
+    H = grid.frame_size
+    taps = max((2 * math.ceil(H / s) + 1 for s in grid.scales[:-1]), default=0)
+    if taps > MAX_TAPS:
+        return f"a downsizing factor of {H}/{min(grid.scales)} reads {taps} taps per axis, over MAX_TAPS={MAX_TAPS}"
+    if max(grid.region_sizes) > BLOCK:
+        return f"a patch square of side {max(grid.region_sizes)} is wider than the kernels' {BLOCK} threads"
+    if lowres_variants(grid, device) is None:
+        return "no FMA contraction of the kernels' resizing rounds exactly as torch's on this device"
+    return None
+
+
+def warn_once(reason: str) -> None:
+    """One warning per reason that the kernels were asked for and the torch code runs instead."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"kernel='cupy' asked for, using the torch code: {reason}", stacklevel=3)
 
 
 def _function(name: str, device: torch.device):
@@ -334,7 +559,8 @@ def _function(name: str, device: torch.device):
     key = (name, index)
     if key not in _functions:
         if _module is None:
-            _module = cp.RawModule(code=_SOURCE)
+            pastes = [f"paste_gaze<{fused}, {form}>" for fused in (0, 1) for form in range(FORMS)]
+            _module = cp.RawModule(code=_SOURCE, name_expressions=pastes)
         with cp.cuda.Device(index):
             _functions[key] = _module.get_function(name)
     return _functions[key]
@@ -359,39 +585,147 @@ def _stream(ptr: int):
     return _external[ptr]
 
 
-def _launch(name: str, device: torch.device, grid: tuple[int, ...], args: tuple) -> None:
+def _launch(name: str, device: torch.device, grid: tuple[int, ...], args: tuple, shared: int = 0) -> None:
     """Launch kernel ``name`` on torch's current stream (the capturing stream inside a CUDA graph
-    capture), so it is ordered with the torch ops around it."""
+    capture), so it is ordered with the torch ops around it; ``shared``: dynamic shared bytes."""
     cp = cupy_module()
     fn = _function(name, device)
     stream = _stream(torch.cuda.current_stream(device).cuda_stream)
     with cp.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()), stream:
-        fn(grid, (BLOCK,), args)
+        fn(grid, (BLOCK,), args, shared_mem=shared)
 
 
-def _streams(device: torch.device) -> list[torch.cuda.Stream]:
-    """``STREAMS`` side streams of ``device``, made on first use (which must not be inside a graph
-    capture: the warm-up of ``gaze_env.graph.StepRunner`` makes them)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = [torch.cuda.Stream(device) for _ in range(STREAMS)]
-    return _side_streams[index]
-
-
-def _tables(grid: PatchGrid, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(grid: PatchGrid, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Device tables, made once per grid and device (outside any graph capture: the first call is
+    eager): patches (N, 4) int32 (scale, square side, top, left), coarse sides (S,), lowres offsets
+    (S + 1,), ``aa_table``'s bases (S + 1,), spans (2, J) int32 and weights (MAX_TAPS, J) float32,
+    and ``begin_rows``' bands (D, 4) int32 with their shared bytes."""
     key = (grid, device)
     if key not in _geometry:
+        sizes, offsets = lowres_layout(grid)
+        bases = [0]
+        for s in sizes:
+            bases.append(bases[-1] + s)
+        i32 = dict(dtype=torch.int32, device=device)
+        coarse = torch.tensor(sizes or (0,), **i32)
+        base = torch.tensor(bases, **i32)
+        spans = torch.zeros(2, max(1, bases[-1]), **i32)
+        weights = torch.zeros(MAX_TAPS, max(1, bases[-1]), device=device)
+        if sizes:
+            args = (_ptr(coarse), _ptr(base), _ptr(spans), _ptr(weights))
+            args += (np.int32(len(sizes)), np.int32(grid.frame_size))
+            _launch("aa_table", device, (math.ceil(bases[-1] / BLOCK),), args)
+        table = grid.table  # (N, 3): scale, row, col
+        side = torch.tensor(grid.region_sizes)[table[:, 0]]
+        patches = torch.stack([table[:, 0], side, table[:, 1] * side, table[:, 2] * side], dim=1)
         _geometry[key] = (
-            grid.table.to(device).contiguous(),  # (N, 3) int64
-            torch.tensor(grid.region_sizes, dtype=torch.int32, device=device),  # (K,)
+            patches.to(**i32).contiguous(),
+            coarse,
+            torch.tensor(offsets, **i32),
+            base,
+            spans,
+            weights,
+            _bands(sizes, bases, spans.cpu(), device),
         )
     return _geometry[key]
+
+
+BAND_ROWS = 16
+"""Output rows per block of ``begin_rows``' downsizing (fewer when a band's input lines do not fit
+``BAND_SHARED`` bytes of shared memory)."""
+
+BAND_SHARED = 32 * 1024
+"""Most shared memory a ``begin_rows`` band uses for its x-pass lines."""
+
+
+def _bands(
+    sizes: tuple[int, ...], bases: list[int], spans: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """``begin_rows``' bands (D, 4) int32, (scale, channel, first output row, rows), each band's
+    input lines (its x-pass outputs) within ``BAND_SHARED`` bytes, and the shared bytes the widest
+    one needs. ``spans`` (2, J) on the host."""
+    first, count = spans[0].tolist(), spans[1].tolist()
+
+    def lines(k: int, o: int, rows: int) -> int:  # input lines output rows [o, o + rows) of scale k read
+        last = bases[k] + o + rows - 1
+        return first[last] + count[last] - first[bases[k] + o]
+
+    bands, need = [], 0
+    for k, s in enumerate(sizes):
+        rows = min(BAND_ROWS, s)
+        while rows > 1 and max(lines(k, o, min(rows, s - o)) for o in range(0, s, rows)) * s * 4 > BAND_SHARED:
+            rows //= 2
+        for o in range(0, s, rows):
+            need = max(need, lines(k, o, min(rows, s - o)) * s * 4)
+            bands += [(k, ch, o, min(rows, s - o)) for ch in range(3)]
+    return torch.tensor(bands or [(0, 0, 0, 0)], dtype=torch.int32, device=device), need
 
 
 def _contiguous(**tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the CuPy kernels, got strides {t.stride()}")
+
+
+def _blocks(n: int) -> int:
+    return max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
+
+
+def _rows_limit(C: int, what: str) -> None:
+    if C > 65535:
+        raise ValueError(f"{what} handles at most 65535 rows per call (a grid dimension), got {C}")
+
+
+def begin_rows(
+    grid: PatchGrid,
+    video: torch.Tensor,
+    frame_t: torch.Tensor,
+    rows: torch.Tensor,
+    valid: torch.Tensor | None,
+    lowres: torch.Tensor | None,
+    level: torch.Tensor | None = None,
+    frame_out: torch.Tensor | None = None,
+    *,
+    canvas: torch.Tensor | None = None,
+    mode: int = -1,
+    aa_variant: int | None = None,
+) -> torch.Tensor | None:
+    """The frame-start work of rows ``rows`` (int64 (C,), distinct) where ``valid`` (C,) bool (all
+    when None), in place: ``lowres[rows[c]]`` = the coarse scales of frame ``video[rows[c],
+    frame_t[rows[c]]]`` (clamped to the last frame) as torch's antialiased downsizing makes them
+    (``PatchGrid.resize``), ``level[rows[c]] = -1`` and ``frame_out[rows[c]]`` = that frame (each
+    when given). ``video`` (B, T, 3, H, W) uint8, ``frame_t`` (B,) int64, ``lowres`` (B, L) float32,
+    ``level`` (B, H, W) int8, ``frame_out`` (B, 3, H, W) uint8.
+
+    With ``canvas`` (B, 3, H, W) uint8 and ``mode`` 0 (l1) or 1 (mse / psnr), also returns
+    ``frame_error``'s (C,) float64 sums of those frames against the rows' canvas (meaningless where
+    not ``valid``), read in the same pass as the frame copy."""
+    C, device = rows.shape[0], video.device
+    scoring = canvas is not None
+    if scoring and mode not in (0, 1):
+        raise ValueError(f"begin_rows scores l1 (mode 0) or mse (mode 1), got mode {mode}")
+    if C == 0:
+        return torch.zeros(0, dtype=torch.float64, device=device) if scoring else None
+    _rows_limit(C, "begin_rows")
+    _contiguous(video=video, frame_t=frame_t, lowres=lowres, level=level, frame_out=frame_out, canvas=canvas)
+    if aa_variant is None:
+        aa_variant = lowres_variants(grid, device)[0] if lowres is not None else 0
+    _, sizes, offsets, bases, spans, weights, (bands, shared) = _tables(grid, device)
+    rows = rows.contiguous()
+    valid = valid.contiguous() if valid is not None else None
+    S, T, H = grid.num_scales - 1, video.shape[1], grid.frame_size
+    D = bands.shape[0] if lowres is not None and S > 0 else 0
+    n, hw = 3 * H * H, H * H
+    vec = int(n % 16 == 0 and hw % 16 == 0)
+    F = _blocks(n // 16 if vec else n) if level is not None or frame_out is not None or scoring else 0
+    partial = torch.zeros(C, max(1, F), dtype=torch.float64, device=device) if scoring else None
+    if D + F:
+        pointers = (video, frame_t, rows, valid, lowres, level, frame_out, bands, sizes, offsets, bases, spans)
+        pointers += (weights, canvas, partial)
+        scalars = (S, T, H, D, aa_variant, vec, mode)
+        args = tuple(_ptr(t) for t in pointers) + tuple(np.int32(v) for v in scalars)
+        _launch("begin_rows", device, (D + F, C), args, shared if D else 0)
+    return partial.sum(1) if scoring else None
 
 
 def paste_gaze(
@@ -404,159 +738,120 @@ def paste_gaze(
     canvas_out: torch.Tensor | None = None,
     delta_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """The fused kernel; same contract as ``rewards.reconstruct.paste_gaze`` (check ``usable``
-    first). Returns (B,) float64 pixel-error deltas (into ``delta_out`` when given), or None without
-    ``pixel_error``. ``canvas_out`` (B, 3, H, W) uint8, when given, receives every pixel written to
-    the canvas (an observation buffer kept equal to it)."""
+    """Paste gaze ``action`` (B,) int64 where ``active`` (B,) bool into a state whose
+    ``aux["lowres"]`` ``begin_rows`` wrote; the contract of ``rewards.reconstruct.paste_gaze``.
+    Returns (B,) float64 pixel-error deltas (into ``delta_out`` when given) for l1 / mse / psnr, or
+    None (other or no ``pixel_error``: the caller rescores). ``canvas_out`` (B, 3, H, W) uint8,
+    when given, receives every pixel written to the canvas (an observation buffer kept equal to it)."""
     mode = pixel_error_mode(pixel_error)
+    mode = -1 if mode is None else mode
     B, device = state.batch_size, state.device
     delta = delta_out if delta_out is not None else torch.empty(B, dtype=torch.float64, device=device)
     if B == 0:
         return delta if mode >= 0 else None
+    lowres = state.aux["lowres"]
+    _contiguous(canvas=state.canvas, level=state.aux["level"], lowres=lowres, video=state.video)
     _contiguous(canvas_out=canvas_out, delta_out=delta_out)
-    table, sizes = _tables(grid, device)
+    patches, sizes, offsets = _tables(grid, device)[:3]
     action = action.to(device=device, dtype=torch.int64).contiguous()
     active = active.to(device=device, dtype=torch.uint8).contiguous()
-    frame_t = state.frame_t.contiguous()
-    chunks = math.ceil(max(grid.region_sizes) ** 2 / PASTE_CHUNK)
-    partial = torch.empty(B, chunks, dtype=torch.float64, device=device)  # (B, S) per-warp sums
-    pointers = (state.canvas, canvas_out, state.aux["level"], state.aux["views"], state.video)
-    pointers += (action, active, frame_t, table, sizes, partial)
-    scalars = (B, grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode, PASTE_CHUNK)
+    up_variant = lowres_variants(grid, device)[1]
+    partial = torch.empty(B, PASTE_SPLIT, dtype=torch.float64, device=device)  # (B, SPLIT) per-block sums
+    pointers = (state.canvas, canvas_out, state.aux["level"], lowres, state.video)
+    pointers += (action, active, state.t, patches, sizes, offsets, partial)
+    scalars = (grid.num_patches, grid.num_scales, state.num_frames, grid.frame_size, mode)
     args = tuple(_ptr(t) for t in pointers) + tuple(np.int32(s) for s in scalars)
-    _launch("paste_gaze", device, (math.ceil(B / (BLOCK // 32)), chunks), args)
+    _launch(f"paste_gaze<{up_variant & 1}, {up_variant >> 1}>", device, (B, PASTE_SPLIT), args)
     if mode < 0:
         return None
     return torch.sum(partial, dim=1, out=delta)  # exact for l1 in any order (see the module docstring)
 
 
-def write_views(
-    grid: PatchGrid,
-    frames: torch.Tensor,
+def frame_error(
+    video: torch.Tensor,
+    frame_t: torch.Tensor,
+    canvas: torch.Tensor,
     rows: torch.Tensor,
-    valid: torch.Tensor,
-    views: torch.Tensor,
-    level: torch.Tensor,
-    frame_out: torch.Tensor | None = None,
-) -> None:
-    """``views[rows[c]] = grid.scale_views(frames)[c]`` and ``level[rows[c]] = -1`` (and
-    ``frame_out[rows[c]] = frames[c]`` when given) for the rows with ``valid[c]``; the others are
-    left alone.
-
-    Each coarse scale: torch's antialiased downsizing (the call ``scale_views`` makes, spread over
-    ``STREAMS`` side streams for large batches), then ``upsample_view``, torch's bilinear upsizing
-    fused with the rounding to uint8 and the write into ``views`` (in the FMA contraction whose
-    floats equal torch's on this device, see ``_fused_upsample_variant``; without one, torch's
-    upsizing and ``write_view``).
-
-    Args:
-        frames: (C, 3, H, W) uint8, the frames rows ``rows`` (int64 (C,), distinct) moved to.
-        valid: (C,) bool.
-        views: (B, k, 3, H, W) uint8 and level: (B, H, W) int8, updated in place.
-        frame_out: (B, 3, H, W) uint8, an observation buffer of the current frames.
-    """
-    C, H, K, device = frames.shape[0], grid.frame_size, grid.num_scales, frames.device
-    if C == 0:
-        return
-    if C > 65535:
-        raise ValueError(f"write_views handles at most 65535 rows per call (a grid dimension), got {C}")
-    _contiguous(frames=frames, views=views, level=level, frame_out=frame_out)
-    rows, valid = rows.contiguous(), valid.contiguous()
-    n, hw = 3 * H * H, H * H
-    blocks = max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
-    variant = _fused_upsample_variant(grid, device)
-    side = _streams(device)
-    x = frames.float()  # (C, 3, H, W)
-    groups = max(1, min(len(side), C // 16))  # slices of at least 16 rows
-    bounds = [round(C * g / groups) for g in range(groups + 1)]
-    main = torch.cuda.current_stream(device)
-    for g in range(groups):
-        lo, hi = bounds[g], bounds[g + 1]
-        stream = side[g] if groups > 1 else main
-        if stream is not main:
-            stream.wait_stream(main)
-        with torch.cuda.stream(stream):
-            for k, s in enumerate(grid.scales[:-1]):
-                down = grid.resize(x[lo:hi], s)  # (M, 3, s, s): the call scale_views makes
-                if variant is not None:
-                    args = (_ptr(down), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views), np.uint64(0))
-                    args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
-                    _launch("upsample_view", device, (blocks, hi - lo), args + (np.int32(variant),))
-                else:
-                    up = grid.resize(down, H).contiguous()  # (M, 3, H, W) float
-                    args = (_ptr(up), _ptr(frames[lo:hi]), _ptr(rows[lo:hi]), _ptr(valid[lo:hi]), _ptr(views))
-                    args += (np.uint64(0), np.uint64(0), np.int64(n), np.int64(hw), np.int32(k), np.int32(K))
-                    _launch("write_view", device, (blocks, hi - lo), args)
-    if groups > 1:
-        for stream in side[:groups]:
-            main.wait_stream(stream)
-    # the finest view is the frame itself (scale_views rounds its float copy back to it)
-    args = (np.uint64(0), _ptr(frames), _ptr(rows), _ptr(valid), _ptr(views), _ptr(level), _ptr(frame_out))
-    args += (np.int64(n), np.int64(hw), np.int32(K - 1), np.int32(K))
-    _launch("write_view", device, (blocks, C), args)
-    del x  # freed on the main stream once the side streams joined it
-
-
-UPSAMPLE_VARIANTS = 10
-"""FMA contractions ``upsample_view`` can compute torch's bilinear value in (2 source-index forms x
-5 value forms)."""
-
-
-def _fused_upsample_variant(grid: PatchGrid, device: torch.device) -> int | None:
-    """The contraction ``variant`` in which ``upsample_view``'s floats equal torch's bilinear
-    upsizing bit for bit on this device for every coarse scale of ``grid``, or None (then the
-    views take torch's upsizing). The formula is torch's, but how a compiler contracts it into FMAs
-    is not promised: each variant is tried once, on downsized random frames, before any capture."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (grid, index)
-    if key not in _fused_variant:
-        H, K = grid.frame_size, grid.num_scales
-        gen = torch.Generator(device=device).manual_seed(0)
-        frames = torch.randint(0, 256, (3, 3, H, H), dtype=torch.uint8, device=device, generator=gen)
-        frames[1] = frames[0].float().mean(0, keepdim=True).to(torch.uint8)  # smooth-ish planes too
-        views = torch.zeros(3, K, 3, H, H, dtype=torch.uint8, device=device)
-        rows = torch.arange(3, device=device)
-        valid = torch.ones(3, dtype=torch.bool, device=device)
-        raw = torch.empty(3, 3, H, H, device=device)
-        blocks = max(1, math.ceil(3 * H * H / (BLOCK * ELEMENTS_PER_THREAD)))
-        found = None
-        for variant in range(UPSAMPLE_VARIANTS):
-            exact = True
-            for k, s in enumerate(grid.scales[:-1]):
-                down = grid.resize(frames.float(), s)
-                args = (_ptr(down), _ptr(rows), _ptr(valid), _ptr(views), _ptr(raw))
-                args += (np.int32(s), np.int32(H), np.float32(s) / np.float32(H), np.int32(k), np.int32(K))
-                _launch("upsample_view", device, (blocks, 3), args + (np.int32(variant),))
-                exact = exact and torch.equal(raw, grid.resize(down, H))
-            if exact:
-                found = variant
-                break
-        if found is None:
-            warnings.warn(
-                "no FMA contraction of the fused bilinear upsizing rounds exactly as torch's on this "
-                "device: using torch's upsizing (slower)",
-                stacklevel=3,
-            )
-        _fused_variant[key] = found
-    return _fused_variant[key]
-
-
-def frame_error(frames: torch.Tensor, canvas: torch.Tensor, rows: torch.Tensor, mode: int) -> torch.Tensor:
-    """(C,) float64: ``pixel_error(frames[c] / 255, canvas[rows[c]] / 255)`` summed over the frame,
-    for ``mode`` 0 (l1) or 1 (mse / psnr); ``frames`` (C, 3, H, W) and ``canvas`` (B, 3, H, W)
-    uint8, ``rows`` int64 (C,)."""
+    mode: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(C,) float64: ``pixel_error(frame / 255, canvas[rows[c]] / 255)`` summed over the frame, where
+    frame = ``video[rows[c], frame_t[rows[c]]]`` (clamped to the last frame), for ``mode`` 0 (l1) or 1
+    (mse / psnr); ``video`` (B, T, 3, H, W) and ``canvas`` (B, 3, H, W) uint8, ``frame_t`` (B,) and
+    ``rows`` (C,) int64; 0 (and no work) where ``valid`` (C,) bool, when given, is False."""
     if mode not in (0, 1):
         raise ValueError(f"frame_error computes l1 (mode 0) or mse (mode 1), got mode {mode}")
-    C = frames.shape[0]
-    n = frames[0].numel() if C else 0
+    C, device = rows.shape[0], video.device
     if C == 0:
-        return torch.zeros(0, dtype=torch.float64, device=frames.device)
-    if C > 65535:
-        raise ValueError(f"frame_error handles at most 65535 rows per call (a grid dimension), got {C}")
-    _contiguous(frames=frames, canvas=canvas)
-    blocks = max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
-    partial = torch.empty(C, blocks, dtype=torch.float64, device=frames.device)
-    rows = rows.contiguous()
-    args = (_ptr(frames), _ptr(canvas), _ptr(rows), _ptr(partial), np.int64(n), np.int32(mode))
-    _launch("frame_error", frames.device, (blocks, C), args)
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    _rows_limit(C, "frame_error")
+    _contiguous(video=video, frame_t=frame_t, canvas=canvas)
+    n = canvas[0].numel()
+    blocks = _blocks(n)
+    partial = torch.empty(C, blocks, dtype=torch.float64, device=device)
+    pointers = (video, frame_t, canvas, rows.contiguous(), valid.contiguous() if valid is not None else None, partial)
+    args = tuple(_ptr(t) for t in pointers) + (np.int64(n), np.int32(video.shape[1]), np.int32(mode))
+    _launch("frame_error", device, (blocks, C), args)
     return partial.sum(1)
+
+
+def upsized_views(grid: PatchGrid, lowres: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """The full-resolution scale views (M, k, 3, H, W) uint8 of ``lowres`` rows (M, L) whose frames
+    are ``frames`` (M, 3, H, W) uint8, with torch's upsizing: ``PatchGrid.scale_views(frames)`` bit
+    for bit (``lowres`` holds torch's downsizing of them); for readers of whole views (the greedy
+    oracle)."""
+    sizes, offsets = lowres_layout(grid)
+    H, M = grid.frame_size, frames.shape[0]
+    views = []
+    for k, s in enumerate(sizes):
+        down = lowres[:, offsets[k] : offsets[k + 1]].view(M, 3, s, s)
+        views.append(grid.resize(down, H).round_().clamp_(0, 255).to(torch.uint8))
+    views.append(frames)
+    return torch.stack(views, dim=1)
+
+
+def lowres_variants(grid: PatchGrid, device: torch.device) -> tuple[int, int] | None:
+    """The FMA contractions (downsizing, upsizing) in which the kernels' floats equal torch's
+    ``PatchGrid.resize`` bit for bit on this device for every coarse scale of ``grid``, or None.
+    The formulas are torch's, but how a compiler contracts them into FMAs is not promised: each
+    variant is tried once (per grid and device, before any graph capture) on random and smooth
+    frames."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (grid, index)
+    if key in _variants:
+        return _variants[key]
+    device = torch.device("cuda", index)
+    H, C = grid.frame_size, 3
+    sizes, offsets = lowres_layout(grid)
+    if not sizes:
+        _variants[key] = (0, 0)
+        return _variants[key]
+    gen = torch.Generator(device=device).manual_seed(0)
+    video = torch.randint(0, 256, (C, 1, 3, H, H), dtype=torch.uint8, device=device, generator=gen)
+    video[1] = video[0].float().mean(1, keepdim=True).to(torch.uint8)  # smooth-ish planes too
+    video[2] = video[2] // 64 * 64  # flat areas: exact .5 ties after upsizing
+    frames = video[:, 0].float()
+    rows, t = torch.arange(C, device=device), torch.zeros(C, dtype=torch.int64, device=device)
+    lowres = torch.empty(C, offsets[-1], device=device)
+    downs = [grid.resize(frames, s) for s in sizes]
+    aa = None
+    for variant in range(AA_VARIANTS):
+        begin_rows(grid, video, t, rows, None, lowres, aa_variant=variant)
+        got = [lowres[:, offsets[k] : offsets[k + 1]].view(C, 3, s, s) for k, s in enumerate(sizes)]
+        if all(torch.equal(a, b) for a, b in zip(got, downs)):
+            aa = variant
+            break
+    up = None
+    out = torch.empty(C, 3, H, H, device=device)
+    for variant in range(UPSAMPLE_VARIANTS):
+        exact = True
+        for k, s in enumerate(sizes):
+            args = (_ptr(downs[k].contiguous()), _ptr(out), np.int32(s), np.int32(H))
+            args += (np.float32(s) / np.float32(H), np.int32(variant))
+            _launch("upsample_probe", device, (_blocks(3 * H * H), C), args)
+            exact = exact and torch.equal(out, grid.resize(downs[k], H))
+        if exact:
+            up = variant
+            break
+    _variants[key] = None if aa is None or up is None else (aa, up)
+    return _variants[key]

@@ -51,23 +51,33 @@ class PasteReconstructor:
     content of the finest scale that covered it. Gazing every finest-scale patch therefore
     reproduces the frame exactly; gazing nothing keeps the previous canvas.
 
-    Working tensors in ``state.aux``: ``views`` (B, k, 3, H, W) uint8, what each scale sees of the
-    current frame; ``level`` (B, H, W) int8, the finest scale pasted on each pixel this frame (-1:
-    none). Each gaze touches only the square it covers.
+    Two implementations, identical bit for bit (tests compare them on the GPU):
+
+    - torch (CPU, and CUDA with ``kernel="torch"``): ``state.aux["views"]`` (B, k, 3, H, W) uint8,
+      what each scale sees of the current frame brought back to full size, written at each frame
+      start; a gaze copies its square (``paste_gaze``).
+    - CuPy kernels (CUDA with ``kernel="auto"`` or ``"cupy"``, see ``rewards.cuda``):
+      ``state.aux["lowres"]`` (B, L) float32, the current frame downsized to each coarse scale;
+      a gaze upsizes just the square it pastes, in the same launch as the incremental loss. A frame
+      start writes 207 KiB per row at paper size instead of 588 KiB of views computed through a
+      full-size float copy per scale.
+
+    Both keep ``level`` (B, H, W) int8, the finest scale pasted on each pixel this frame (-1: none).
+    The implementation is chosen per state when it is made (``init``) and kept by its rows.
 
     Args:
         grid: the patch geometry.
         initial: ``"grey"`` (128) or ``"black"`` (0) canvas at ``t = 0``.
-        kernel: ``"torch"`` (default) or ``"cupy"``: with ``"cupy"``, gazes on CUDA tensors run
-            the fused kernel of ``rewards.cuda`` (paste + pixel-error delta in one launch) when
-            CuPy imports and the loss is l1 / mse / psnr; otherwise the torch code runs.
+        kernel: ``"auto"`` (default): the kernels on CUDA where they run (CuPy imports and their
+            resizing rounds as torch's on the device), else torch; ``"cupy"``: the same, warning when
+            they cannot run; ``"torch"``: always the torch code.
     """
 
-    def __init__(self, grid: PatchGrid, initial: str = "grey", kernel: str = "torch") -> None:
+    def __init__(self, grid: PatchGrid, initial: str = "grey", kernel: str = "auto") -> None:
         if initial not in ("grey", "black"):
             raise ValueError(f"initial must be 'grey' or 'black', got {initial!r}")
-        if kernel not in ("torch", "cupy"):
-            raise ValueError(f"kernel must be 'torch' or 'cupy', got {kernel!r}")
+        if kernel not in ("auto", "torch", "cupy"):
+            raise ValueError(f"kernel must be 'auto', 'torch' or 'cupy', got {kernel!r}")
         self.grid = grid
         self.initial_value = 128 if initial == "grey" else 0
         self.kernel = kernel
@@ -79,29 +89,62 @@ class PasteReconstructor:
             self._tables[device] = self.grid.table.to(device)
         return self._tables[device]
 
+    def uses_kernels(self, device: torch.device) -> bool:
+        """Whether states made on ``device`` take the CuPy kernels (see the class docstring)."""
+        if self.kernel == "torch" or device.type != "cuda":
+            return False
+        from rewards import cuda
+
+        reason = cuda.unsupported(self.grid, device)
+        if reason is not None and self.kernel == "cupy":
+            cuda.warn_once(reason)
+        return reason is None
+
     def init(self, state: GazeState) -> None:
         state.canvas = torch.full_like(state.video[:, 0], self.initial_value)
-        state.aux["views"] = self.grid.scale_views(state.video[:, 0])
         state.aux["level"] = torch.full(state.canvas[:, 0].shape, -1, dtype=torch.int8, device=state.device)
+        if self.uses_kernels(state.device) and state.video.is_contiguous():
+            from rewards import cuda
+
+            L = cuda.lowres_layout(self.grid)[1][-1]
+            state.aux["lowres"] = torch.empty(state.batch_size, L, device=state.device)
+            rows = torch.arange(state.batch_size, device=state.device)
+            cuda.begin_rows(self.grid, state.video, state.t, rows, None, state.aux["lowres"])
+        else:
+            state.aux["views"] = self.grid.scale_views(state.video[:, 0])
 
     def begin_frame(self, state: GazeState, rows: torch.Tensor) -> None:
+        if "lowres" in state.aux:
+            from rewards import cuda
+
+            cuda.begin_rows(self.grid, state.video, state.t, rows, None, state.aux["lowres"], state.aux["level"])
+            return
         state.aux["views"][rows] = self.grid.scale_views(state.video[rows, state.t[rows]])
         state.aux["level"][rows] = -1
 
     def gaze(
         self, state: GazeState, action: torch.Tensor, active: torch.Tensor, pixel_error=None
     ) -> torch.Tensor | None:
-        if self.kernel == "cupy" and state.device.type == "cuda":
+        if "lowres" in state.aux:
             from rewards import cuda
 
-            if cuda.supports(state, pixel_error):
-                return cuda.paste_gaze(self.grid, state, action, active, pixel_error)
+            return cuda.paste_gaze(self.grid, state, action, active, pixel_error)
         return paste_gaze(self.grid, state, action, active, pixel_error, self._table(state.device))
 
+    def views(self, state: GazeState, rows: torch.Tensor) -> torch.Tensor:
+        """(M, k, 3, H, W) uint8: what each scale sees of the current frame of rows ``rows`` (M,),
+        brought back to full size (``PatchGrid.scale_views`` of those frames), in either
+        implementation."""
+        if "lowres" in state.aux:
+            from rewards import cuda
+
+            frames = state.video[rows, state.frame_t[rows]]
+            return cuda.upsized_views(self.grid, state.aux["lowres"][rows], frames)
+        return state.aux["views"][rows]
+
     # ---- the static step (gaze_env.core.StaticStep): fixed shapes, no host syncs ---------------
-    # On CUDA both methods run the CuPy kernels of ``rewards.cuda`` whenever they apply (whatever
-    # ``kernel`` says: the fixed-shape torch paste below does every scale for every row, far more
-    # work than the kernel's gazed square); elsewhere the torch code, which equals the eager path.
+    # With the kernels both methods are single launches over every row (masked); the torch code
+    # below does every scale for every row, far more work than the kernel's gazed square.
     def gaze_static(
         self,
         state: GazeState,
@@ -115,7 +158,7 @@ class PasteReconstructor:
         """``gaze`` with fixed shapes and no host sync (CUDA-graph capturable); ``canvas_out``
         (B, 3, H, W) uint8, when given, receives every pixel written to the canvas, and the delta
         goes to ``delta_out`` (B,) float64 when given."""
-        if _kernels_usable(state, pixel_error):
+        if "lowres" in state.aux:
             from rewards import cuda
 
             return cuda.paste_gaze(
@@ -133,34 +176,42 @@ class PasteReconstructor:
         state: GazeState,
         rows: torch.Tensor,
         valid: torch.Tensor,
-        frames: torch.Tensor,
         *,
         frame_out: torch.Tensor | None = None,
-    ) -> None:
+        pixel_error=None,
+    ) -> torch.Tensor | None:
         """``begin_frame`` for the rows ``rows`` (int64 (C,), distinct) with ``valid`` (C,) bool,
-        the others untouched, with fixed shapes; ``frames`` (C, 3, H, W) uint8 are the frames the
-        rows moved to (``state.video[rows, state.t[rows]]``), also written to the rows of
-        ``frame_out`` (B, 3, H, W) uint8 when given (an observation buffer)."""
-        views, level = state.aux["views"], state.aux["level"]
-        if _kernels_usable(state, None):
+        the others untouched, with fixed shapes; the frames the rows moved to
+        (``state.video[rows, state.frame_t[rows]]``) are also written to the rows of ``frame_out``
+        (B, 3, H, W) uint8 when given (an observation buffer). Returns, when it is cheap (the
+        kernels, l1 / mse / psnr ``pixel_error``), the (C,) float64 summed ``pixel_error`` of those
+        frames against the rows' canvas (meaningless where not ``valid``), else None."""
+        level = state.aux["level"]
+        if "lowres" in state.aux:
             from rewards import cuda
 
-            cuda.write_views(self.grid, frames, rows, valid, views, level, frame_out)
-            return
+            mode = cuda.pixel_error_mode(pixel_error)
+            score = mode is not None and mode >= 0
+            return cuda.begin_rows(
+                self.grid,
+                state.video,
+                state.t,
+                rows,
+                valid,
+                state.aux["lowres"],
+                level,
+                frame_out,
+                canvas=state.canvas if score else None,
+                mode=mode if score else -1,
+            )
+        views = state.aux["views"]
+        frames = state.video[rows, state.frame_t[rows]]  # (C, 3, H, W)
         new = self.grid.scale_views(frames)  # (C, k, 3, H, W)
         views[rows] = torch.where(valid[:, None, None, None, None], new, views[rows])
         level[rows] = torch.where(valid[:, None, None], torch.full_like(level[rows], -1), level[rows])
         if frame_out is not None:
             frame_out[rows] = torch.where(valid[:, None, None, None], frames, frame_out[rows])
-
-
-def _kernels_usable(state: GazeState, pixel_error) -> bool:
-    """CUDA state and the CuPy kernels of ``rewards.cuda`` importable for this loss."""
-    if state.device.type != "cuda":
-        return False
-    from rewards import cuda
-
-    return cuda.usable(state, pixel_error)
+        return None
 
 
 def paste_gaze(

@@ -152,6 +152,9 @@ def test_frame_end_capacity__twice_the_expected_frame_ends_within_bounds():
 
 
 def test_plan_passes__covers_the_moved_rows_wasting_at_most_half_a_pass():
+    assert core.pass_sizes(316, 4096) == (4096, 1264, 316, 79, 20, 5, 2, 1)
+    assert core.pass_sizes(8, 8) == core.pass_sizes(8) == (8, 2, 1)
+    assert core.plan_passes(3780, core.pass_sizes(316, 4096)) == [4096]
     sizes = core.pass_sizes(316)
     assert sizes == (316, 79, 20, 5, 2, 1)
     assert core.plan_passes(0, sizes) == []
