@@ -302,6 +302,24 @@ class RecordingOracle:
 
 
 @torch.no_grad()
+def content_reliance(policy: AutoGazePolicy, batch: TensorDictBase) -> dict[str, float]:
+    """How much ``policy`` reads the video: ``bc_loss``'s cross-entropy on the expert trajectories
+    of ``batch`` (at least 2 clips) with each clip's own video (``ce_own_video``) and with the next
+    clip's video in its place (``ce_other_video``, the same gazes), and their difference
+    (``content_gap``). A gap near 0 means the predictions come from the gaze history and positions
+    alone: a content-blind policy, however low its cross-entropy."""
+    if batch.batch_size[0] < 2:
+        raise ValueError(f"content_reliance needs at least 2 clips to swap videos, got {batch.batch_size[0]}")
+    was_training = policy.training
+    policy.eval()
+    own = float(bc_loss(policy, batch)["ce"])
+    swapped = batch.clone(False).set("video", batch["video"].roll(1, 0))
+    other = float(bc_loss(policy, swapped)["ce"])
+    policy.train(was_training)
+    return {"ce_own_video": own, "ce_other_video": other, "content_gap": other - own}
+
+
+@torch.no_grad()
 def oracle_labels(
     params: CoreParams,
     video: torch.Tensor,

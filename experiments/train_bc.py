@@ -20,7 +20,9 @@ What a run does, top to bottom:
    ratios on held-out clips (default: the first ``--eval-clips`` clips of
    ``prepare_data.default_data("val", preset)``), mean per-frame loss through the environment's
    core, next to the greedy oracle, random and rgb_diff baselines on the same clips (computed
-   once). TensorBoard (``<out>/tb``): ``losses/``, ``charts/``, ``eval/``.
+   once); and how much the policy reads the video (``agents.bc.content_reliance`` on the last 64
+   expert clips: the cross-entropy with each clip's own video vs another clip's, their gap near 0
+   for a content-blind policy). TensorBoard (``<out>/tb``): ``losses/``, ``charts/``, ``eval/``.
 4. Checkpoints ``<out>/step_<step>/`` every ``--ckpt-interval`` steps (atomic, the newest
    ``--keep-checkpoints`` kept; weights, optimizer, schedule, RNG and data position), so that
    ``--resume`` continues exactly: the same losses as an uninterrupted run.
@@ -44,7 +46,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import make_baseline, run_episodes
-from agents.bc import BATCH_KEYS, OPTIONAL_KEYS, bc_loss, bc_totals
+from agents.bc import BATCH_KEYS, OPTIONAL_KEYS, bc_loss, bc_totals, content_reliance
 from agents.policy import AutoGazePolicy, PolicyConfig, gazed_before, preprocess
 from agents.rollout import rollout
 from experiments.collect_expert import CollectExpertConfig, collect, expert_chunks
@@ -456,6 +458,7 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     stop_at = min(steps, cfg.stop_at) if cfg.stop_at is not None else steps
     history: list[dict] = []
+    reliance: dict[str, float] = {}
 
     def checkpoint() -> None:
         if d.is_main:
@@ -463,9 +466,14 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
             save_checkpoint(step_dir(out, step), policy, run_config, train_state)
             prune_checkpoints(out, cfg.keep_checkpoints)
 
+    probe = data.batch(range(max(0, len(data) - 64), len(data))).to(device) if len(data) >= 2 else None
+
     def evaluate() -> dict[float, float]:
         losses = pooled(policy_losses(policy, built, mine, ratios, cfg.eval_batch_size) if len(mine) else {})
         logger.log("eval", {f"bc_ratio_{r:g}": v for r, v in losses.items()}, step)
+        if probe is not None:  # does the policy read the video? (the same on every rank)
+            reliance.update(content_reliance(policy, probe))
+            logger.log("eval", dict(reliance), step)
         oracle = baselines.get("greedy_oracle")
         if oracle is not None:
             logger.log("eval", {f"bc_over_oracle_ratio_{r:g}": v / oracle[r] for r, v in losses.items()}, step)
@@ -542,6 +550,7 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
         "step": step,
         "mean_frame_loss": {name: {str(r): v for r, v in row.items()} for name, row in rows.items()},
         "eval_history": history,
+        "content_reliance": reliance,
         "collect_seconds": collect_seconds,
         "seconds": time.perf_counter() - start_time,
         "table": table,
@@ -554,6 +563,10 @@ def _train(cfg: TrainBCConfig, d: Dist) -> dict:
             f"lower is better):\n\n{table}\n")
     atomic_write_text(out / "results.md", text)
     print(text)
+    if reliance:
+        print(f"content reliance (last {probe.batch_size[0]} expert clips): cross-entropy "
+              f"{reliance['ce_own_video']:.3f} with their own video, {reliance['ce_other_video']:.3f} with "
+              f"another clip's (gap {reliance['content_gap']:.3f}; near 0: the policy hardly reads the video)")
     print(f"final policy: {out / 'final'} ({policy.num_parameters:,} parameters); "
           f"{results['seconds']:.0f} s in all ({collect_seconds:.0f} s labelling)")
     return results

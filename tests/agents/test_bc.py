@@ -5,7 +5,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.baselines import GreedyOracle, RasterGazer, run_episodes
-from agents.bc import RecordingOracle, bc_loss, bc_totals, oracle_labels, soft_targets, trim_steps
+from agents.bc import RecordingOracle, bc_loss, bc_totals, content_reliance, oracle_labels, soft_targets, trim_steps
 from agents.policy import AutoGazePolicy, gazed_before, preprocess
 from gaze_env.builder import build
 from tests.conftest import random_clips
@@ -270,3 +270,18 @@ def test_oracle_labels__on_the_oracles_own_trajectories_are_its_actions_and_stee
     plain, relabelled = bc_loss(policy, raster), bc_loss(policy, raster.clone().update(relabel))
     assert not torch.allclose(plain["loss_ce"], relabelled["loss_ce"])
     assert torch.allclose(bc_loss(policy, raster.clone().set("target", raster["action"]))["loss_ce"], plain["loss_ce"])
+
+
+def test_content_reliance__zero_gap_for_a_policy_blind_to_the_video_and_not_for_a_seeing_one():
+    batch = expert_batch(3)
+    policy = AutoGazePolicy.from_preset("tiny")
+    seeing = content_reliance(policy, batch)
+    assert policy.training  # left as it was
+    assert seeing["content_gap"] == seeing["ce_other_video"] - seeing["ce_own_video"] != 0.0
+    assert seeing["ce_own_video"] == pytest.approx(float(bc_loss(policy.eval(), batch)["ce"]))
+    with torch.no_grad():  # the vision tokens no longer depend on the frames
+        policy.gazing_model.vision_model.out_proj.weight.zero_()
+    blind = content_reliance(policy, batch)
+    assert blind["content_gap"] == 0.0
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        content_reliance(policy, batch[:1])
