@@ -161,9 +161,17 @@ class PasteReconstructor:
         if "lowres" in state.aux:
             from rewards import cuda
 
-            return cuda.paste_gaze(
-                self.grid, state, action, active, pixel_error, canvas_out=canvas_out, delta_out=delta_out
-            )
+            if pixel_error is None or cuda.pixel_error_mode(pixel_error) is not None:
+                return cuda.paste_gaze(
+                    self.grid, state, action, active, pixel_error, canvas_out=canvas_out, delta_out=delta_out
+                )
+            # a per-pixel loss the kernel does not compute: paste, then rescore the whole frames as
+            # the core scores frame starts (float64 sums of pixel_error), the change against err_sum
+            cuda.paste_gaze(self.grid, state, action, active, None, canvas_out=canvas_out)
+            target = state.video[torch.arange(state.batch_size, device=state.device), state.frame_t]
+            total = pixel_error(target.float().div_(255), state.canvas.float().div_(255)).flatten(1).double().sum(1)
+            delta = torch.where(active, total - state.err_sum, 0.0)
+            return delta_out.copy_(delta) if delta_out is not None else delta
         delta = paste_gaze_static(
             self.grid, state, action, active, pixel_error, self._table(state.device), canvas_out=canvas_out
         )

@@ -4,6 +4,8 @@ The ``gpu`` tests skip without a CUDA device or CuPy; the others check, on CPU, 
 against a naive per-row paste and that everything works without CuPy.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -144,3 +146,31 @@ def test_kernels__equal_the_torch_reconstructor_over_random_plays(preset, loss):
         else:
             assert torch.equal(ker.loss, ref.loss)
         assert torch.equal(params.reconstructor.views(ker, rows), ref.aux["views"][rows])
+
+
+def test_gaze_static__kernel_state_with_a_loss_the_kernel_lacks_rescores_whole_frames(monkeypatch):
+    # the fallback's arithmetic on CPU: a state that claims the kernel layout, the kernel's paste
+    # stood in for by the torch paste (what the GPU tests show it equals)
+    def cube(target, recon):
+        return (target - recon).abs() ** 3
+
+    cube_loss = SimpleNamespace(loss=SimpleNamespace(pixel_error=cube, reduce=lambda x: x))
+    calls = []
+
+    def kernel_paste(grid, state, action, active, pixel_error, canvas_out=None, delta_out=None):
+        calls.append(pixel_error)
+        return paste_gaze(grid, state, action, active, pixel_error)
+
+    monkeypatch.setattr(cuda, "paste_gaze", kernel_paste)
+    for params, state, action, active in random_play("tiny", "l1", B=4, steps=12, device="cpu"):
+        calls.clear()
+        ker = state.clone()
+        ker.aux["lowres"] = torch.zeros(4, 1)
+        frames = state.video[torch.arange(4), state.frame_t]
+        ker.err_sum = core._pixel_scores(cube_loss, frames, state.canvas)[0]
+        before = ker.err_sum.clone()
+        out = torch.full((4,), float("nan"), dtype=torch.float64)
+        delta = params.reconstructor.gaze_static(ker, action, active, cube, delta_out=out)
+        assert delta is out and calls == [None]  # pasted without a loss, then rescored
+        after = core._pixel_scores(cube_loss, frames, ker.canvas)[0]
+        torch.testing.assert_close(delta, torch.where(active, after - before, 0.0), rtol=0, atol=0)
