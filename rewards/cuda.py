@@ -671,9 +671,13 @@ def _blocks(n: int) -> int:
     return max(1, math.ceil(n / (BLOCK * ELEMENTS_PER_THREAD)))
 
 
-def _rows_limit(C: int, what: str) -> None:
-    if C > 65535:
-        raise ValueError(f"{what} handles at most 65535 rows per call (a grid dimension), got {C}")
+MAX_GRID_Y = 65535
+"""CUDA's limit on a launch's second grid dimension, the rows of ``begin_rows`` / ``frame_error``:
+more rows take several launches."""
+
+
+def _row_chunks(C: int) -> list[tuple[int, int]]:
+    return [(lo, min(C, lo + MAX_GRID_Y)) for lo in range(0, C, MAX_GRID_Y)]
 
 
 def begin_rows(
@@ -706,7 +710,6 @@ def begin_rows(
         raise ValueError(f"begin_rows scores l1 (mode 0) or mse (mode 1), got mode {mode}")
     if C == 0:
         return torch.zeros(0, dtype=torch.float64, device=device) if scoring else None
-    _rows_limit(C, "begin_rows")
     _contiguous(video=video, frame_t=frame_t, lowres=lowres, level=level, frame_out=frame_out, canvas=canvas)
     if aa_variant is None:
         aa_variant = lowres_variants(grid, device)[0] if lowres is not None else 0
@@ -719,12 +722,13 @@ def begin_rows(
     vec = int(n % 16 == 0 and hw % 16 == 0)
     F = _blocks(n // 16 if vec else n) if level is not None or frame_out is not None or scoring else 0
     partial = torch.zeros(C, max(1, F), dtype=torch.float64, device=device) if scoring else None
-    if D + F:
-        pointers = (video, frame_t, rows, valid, lowres, level, frame_out, bands, sizes, offsets, bases, spans)
-        pointers += (weights, canvas, partial)
+    for lo, hi in _row_chunks(C) if D + F else ():
+        part = (rows[lo:hi], None if valid is None else valid[lo:hi], None if partial is None else partial[lo:hi])
+        pointers = (video, frame_t, part[0], part[1], lowres, level, frame_out, bands, sizes, offsets, bases, spans)
+        pointers += (weights, canvas, part[2])
         scalars = (S, T, H, D, aa_variant, vec, mode)
         args = tuple(_ptr(t) for t in pointers) + tuple(np.int32(v) for v in scalars)
-        _launch("begin_rows", device, (D + F, C), args, shared if D else 0)
+        _launch("begin_rows", device, (D + F, hi - lo), args, shared if D else 0)
     return partial.sum(1) if scoring else None
 
 
@@ -784,14 +788,16 @@ def frame_error(
     C, device = rows.shape[0], video.device
     if C == 0:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    _rows_limit(C, "frame_error")
     _contiguous(video=video, frame_t=frame_t, canvas=canvas)
     n = canvas[0].numel()
     blocks = _blocks(n)
     partial = torch.empty(C, blocks, dtype=torch.float64, device=device)
-    pointers = (video, frame_t, canvas, rows.contiguous(), valid.contiguous() if valid is not None else None, partial)
-    args = tuple(_ptr(t) for t in pointers) + (np.int64(n), np.int32(video.shape[1]), np.int32(mode))
-    _launch("frame_error", device, (blocks, C), args)
+    rows = rows.contiguous()
+    valid = valid.contiguous() if valid is not None else None
+    for lo, hi in _row_chunks(C):
+        pointers = (video, frame_t, canvas, rows[lo:hi], None if valid is None else valid[lo:hi], partial[lo:hi])
+        args = tuple(_ptr(t) for t in pointers) + (np.int64(n), np.int32(video.shape[1]), np.int32(mode))
+        _launch("frame_error", device, (blocks, hi - lo), args)
     return partial.sum(1)
 
 

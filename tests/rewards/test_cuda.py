@@ -117,6 +117,9 @@ def test_cuda__loss_modes_layout_and_reasons_without_cuda():
     assert cuda.pixel_error_mode(lambda t, r: (t - r) ** 4) is None
     assert cuda.lowres_layout(get_preset("paper").grid) == ((32, 64, 112), (0, 3072, 15360, 52992))
     assert "CUDA" in cuda.unsupported(get_preset("tiny").grid, torch.device("cpu"))
+    # rows past CUDA's grid limit take several launches
+    assert cuda._row_chunks(0) == [] and cuda._row_chunks(65535) == [(0, 65535)]
+    assert cuda._row_chunks(140000) == [(0, 65535), (65535, 131070), (131070, 140000)]
 
 
 @pytest.mark.gpu
