@@ -21,7 +21,7 @@ import torch
 
 from gaze_env.config import GazeEnvConfig
 from gaze_env.types import GazeState, Transition
-from rewards.losses import LossFn
+from rewards.losses import LossFn, summed_pixel_error
 from rewards.reconstruct import PasteReconstructor, Reconstructor
 
 
@@ -43,8 +43,7 @@ class CoreParams:
 def _pixel_scores(params: CoreParams, target: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, 3, H, W) uint8 frames and reconstructions -> summed pixel error (M,) float64 and loss
     (M,) float32 of a pixel loss (one with ``pixel_error`` and ``reduce``)."""
-    target, recon = target.float().div_(255), recon.float().div_(255)
-    err = params.loss.pixel_error(target, recon).flatten(1).double().sum(1)  # float64: batch-size invariant
+    err = summed_pixel_error(params.loss.pixel_error, target, recon)  # (M,) float64
     return err, params.loss.reduce(err / target[0].numel()).float()
 
 

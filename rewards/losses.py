@@ -29,6 +29,13 @@ class PixelLoss:
         return self.reduce(self.pixel_error(target, recon).flatten(1).mean(1))
 
 
+def summed_pixel_error(pixel_error: Callable, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """(M, 3, H, W) uint8 frames and reconstructions -> (M,) float64: ``pixel_error`` of their
+    [0, 1] pixels summed over each frame, in float64 (batch-size invariant). The environment's
+    running ``err_sum`` starts from, and is rescored with, exactly this."""
+    return pixel_error(target.float().div_(255), recon.float().div_(255)).flatten(1).double().sum(1)
+
+
 def _abs_error(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (target - recon).abs()
 

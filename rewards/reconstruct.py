@@ -13,6 +13,7 @@ import torch
 
 from gaze_env.patches import PatchGrid
 from gaze_env.types import GazeState
+from rewards.losses import summed_pixel_error
 
 
 @runtime_checkable
@@ -169,8 +170,7 @@ class PasteReconstructor:
             # the core scores frame starts (float64 sums of pixel_error), the change against err_sum
             cuda.paste_gaze(self.grid, state, action, active, None, canvas_out=canvas_out)
             target = state.video[torch.arange(state.batch_size, device=state.device), state.frame_t]
-            total = pixel_error(target.float().div_(255), state.canvas.float().div_(255)).flatten(1).double().sum(1)
-            delta = torch.where(active, total - state.err_sum, 0.0)
+            delta = torch.where(active, summed_pixel_error(pixel_error, target, state.canvas) - state.err_sum, 0.0)
             return delta_out.copy_(delta) if delta_out is not None else delta
         delta = paste_gaze_static(
             self.grid, state, action, active, pixel_error, self._table(state.device), canvas_out=canvas_out
