@@ -44,13 +44,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
 from torchrl.modules import MaskedCategorical, ProbabilisticActor
 
-from agents.policy import AutoGazePolicy, DecodeCache, preprocess
+from agents.policy import AutoGazePolicy, DecodeCache, blank_canvas, preprocess
 
 __all__ = [
     "STATE_KEY",
@@ -79,6 +80,9 @@ class _Dims:
     grid: int  # h = w of the encoder's token grid
     K: int
     V: int
+    frame: int  # S: side of the frames the encoder sees
+    keys: tuple[int, int, int] | None  # (N, S, d) of the pointer keys (pointer head only)
+    canvas: bool  # the policy keeps its own canvas (canvas_input)
 
 
 def _dims(policy: AutoGazePolicy, num_frames: int, max_gazes_per_frame: int) -> _Dims:
@@ -94,13 +98,16 @@ def _dims(policy: AutoGazePolicy, num_frames: int, max_gazes_per_frame: int) -> 
         grid=c.input_img_size // c.encoder_patch_size,
         K=c.num_multi_token_pred,
         V=c.vocab_size,
+        frame=c.input_img_size,
+        keys=(c.num_patches, policy.pointer.states, c.pointer_dim) if c.pointer_head else None,
+        canvas=c.canvas_input,
     )
 
 
 def _state_shapes(d: _Dims, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Per-row shape and dtype of every recurrent state entry."""
     kv = (d.layers, d.capacity + 1, d.heads, d.head_dim)
-    return {
+    shapes = {
         "kv_keys": (kv, dtype),
         "kv_values": (kv, dtype),
         "visible": ((d.capacity + 1,), torch.bool),
@@ -112,6 +119,14 @@ def _state_shapes(d: _Dims, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ..
         "pending": ((d.K,), torch.int64),
         "num_pending": ((), torch.int64),
     }
+    if d.keys is not None:
+        shapes["patch_keys"] = (d.keys, dtype)
+    if d.canvas:
+        image = (3, d.frame, d.frame)
+        shapes["canvas"] = (image, torch.float32)  # the canvas the current frame started from
+        shapes["last_frame"] = (image, torch.float32)  # the current frame, preprocessed
+        shapes["frame_gazed"] = ((d.V - 1,), torch.bool)  # the current frame's gazes so far
+    return shapes
 
 
 def gaze_state_spec(
@@ -255,23 +270,35 @@ class GazeStep(TensorDictModuleBase):
             out = policy._decoder_call(cache, rows, embed(pending), write, keep, keep, positions)  # (R, K, H)
             cont = ~frame_start[rows]
             if bool(cont.any()):
-                logits, loss, _ = policy._heads(out[cont, K - 1])
+                keys = s["patch_keys"][rows[cont]] if d.keys is not None else None
+                logits, loss, _ = policy._heads(out[cont, K - 1], keys, gazed[rows[cont]])
                 s["head_logits"][rows[cont]] = logits
                 s["head_loss"][rows[cont]] = loss
             num_pending[rows] = 0
         # prefill: the new frame's vision tokens, through the conv cache
         rows = frame_start.nonzero()[:, 0]
         if rows.numel():
-            video = preprocess(tensordict["frame"].to(dev)[rows])[:, None].to(s["conv"].dtype)  # (R, 1, 3, H, W)
+            frames = policy.frames(preprocess(tensordict["frame"].to(dev)[rows])[:, None])  # (R, 1, 3, S, S)
+            canvas = None
+            if d.canvas:  # the canvas this frame starts from: the last frame's paste over its own start
+                grid = policy.config.grid
+                pasted = grid.paste(s["canvas"][rows], grid.views(s["last_frame"][rows]), s["frame_gazed"][rows])
+                first = (frame_index[rows] == 0)[:, None, None, None]
+                canvas = torch.where(first, blank_canvas(rows.numel(), d.frame, dev), pasted)
+                s["canvas"][rows], s["last_frame"][rows], s["frame_gazed"][rows] = canvas, frames[:, 0].float(), False
+                canvas = canvas[:, None]
             conv = [s["conv"][rows, i] for i in range(d.depth)]
-            tokens, new_conv = policy.encode(video, conv)
+            tokens, new_conv = policy.encode(frames.to(s["conv"].dtype), conv, canvas)
             for i, c in enumerate(new_conv):
                 s["conv"][rows, i] = c
             ones = torch.ones(rows.numel(), P, dtype=torch.bool, device=dev)
             positions = cache.num_attended[rows, None] + torch.arange(P, device=dev)
             self._check_capacity(cache, rows, P)
-            hidden = policy._decoder_call(cache, rows, tokens[:, 0], ones, ones, ones, positions)[:, -1]
-            logits, loss, _ = policy._heads(hidden)
+            hidden = policy._decoder_call(cache, rows, tokens[:, 0], ones, ones, ones, positions)  # (R, P, H)
+            keys = None
+            if d.keys is not None:
+                keys = s["patch_keys"][rows] = policy.pointer.patch_keys(hidden, tokens[:, 0])
+            logits, loss, _ = policy._heads(hidden[:, -1], keys, gazed[rows])  # a frame start: none yet
             s["head_logits"][rows] = logits
             s["head_loss"][rows] = loss
 
@@ -302,12 +329,15 @@ class GazeStep(TensorDictModuleBase):
 
 
 class RecordAction(TensorDictModuleBase):
-    """Appends the drawn ``action`` to the gazes the next decoder call writes."""
+    """Appends the drawn ``action`` to the gazes the next decoder call writes (and, with
+    ``track_gazes``, marks the gazed patch in the frame's ``frame_gazed``: the policy's canvas)."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_gazes: bool = False) -> None:
         super().__init__()
-        self.in_keys = ["action", ("next", STATE_KEY, "pending"), ("next", STATE_KEY, "num_pending")]
-        self.out_keys = [("next", STATE_KEY, "pending"), ("next", STATE_KEY, "num_pending")]
+        self.track_gazes = track_gazes
+        state = ["pending", "num_pending", *(["frame_gazed"] if track_gazes else [])]
+        self.in_keys = ["action", *(("next", STATE_KEY, k) for k in state)]
+        self.out_keys = [("next", STATE_KEY, k) for k in state]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         pending = tensordict.get(("next", STATE_KEY, "pending")).clone()
@@ -317,6 +347,11 @@ class RecordAction(TensorDictModuleBase):
         pending[b, count.clamp(max=pending.shape[1] - 1)] = action
         tensordict.set(("next", STATE_KEY, "pending"), pending)
         tensordict.set(("next", STATE_KEY, "num_pending"), count + 1)
+        if self.track_gazes:  # STOP (= N) and the ignored actions of ended episodes mark nothing
+            gazed = tensordict.get(("next", STATE_KEY, "frame_gazed"))
+            N = gazed.shape[1]
+            marked = F.pad(gazed, (0, 1)).scatter(1, action.clamp(0, N)[:, None], True)[:, :N]
+            tensordict.set(("next", STATE_KEY, "frame_gazed"), marked)
         return tensordict
 
 
@@ -360,4 +395,4 @@ def make_gaze_actor(
         distribution_class=MaskedCategorical,
         return_log_prob=True,
     )
-    return TensorDictSequential(actor, RecordAction())
+    return TensorDictSequential(actor, RecordAction(track_gazes=policy.config.canvas_input))

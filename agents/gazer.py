@@ -22,7 +22,8 @@ How a video becomes model input
 - Tiles: the model sees square frames of ``S = config.input_img_size`` pixels. A frame of any
   size ``H x W`` is cut into ``ceil(H / tile) x ceil(W / tile)`` tiles of ``tile_size`` pixels
   (default ``S``; others are resized to ``S``), row-major; the bottom / right border is padded
-  with zeros (black for uint8 input). Every tile is a clip of its own (a batch row); gazes are
+  with zeros (black for uint8 input), or, for a model with ``canvas_input``, with the mid-grey its
+  canvas starts from (so that it spends no gaze on padding). Every tile is a clip of its own (a batch row); gazes are
   mapped back onto the original frame, and gazes whose patch lies only in the padding are dropped
   from the indices and masks (the official form keeps the model's raw output).
 - Clips: the video is cut into clips of ``T = config.max_num_frames`` frames, each gazed from a
@@ -61,7 +62,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from agents.policy import CONFIG_FORMAT, AutoGazePolicy, Gazes, KVWrite, PolicyConfig, _atomic_write, preprocess
+from agents.policy import (
+    CONFIG_FORMAT,
+    AutoGazePolicy,
+    Gazes,
+    KVWrite,
+    PolicyConfig,
+    _atomic_write,
+    blank_canvas,
+    preprocess,
+)
 from gaze_env.patches import PatchGrid
 from gaze_env.render import gaze_overlay
 from gaze_env.video import _decode, _open_reader, frames_to_rgb, resize_frames
@@ -185,6 +195,10 @@ class StaticGenerator:
         self.log_prob = torch.zeros(B, G + 1, device=dev)
         self.loss_pred = torch.zeros(B, G + 1, device=dev)
         self.value = torch.zeros(B, G + 1, device=dev) if policy.value_head is not None else None
+        # the frame's pointer keys (pointer head only), written by the prefill
+        self.keys = None
+        if policy.pointer is not None:
+            self.keys = torch.zeros(B, N, policy.pointer.states, cfg.pointer_dim, dtype=dtype, device=dev)
         # decoding state inside a frame
         self.used = torch.zeros(B, V, dtype=torch.bool, device=dev)
         self.done = torch.zeros(B, dtype=torch.int64, device=dev)
@@ -223,6 +237,7 @@ class StaticGenerator:
         st.length.zero_()
         st.num_attended.zero_()
         st.conv_cache = None
+        st.canvas = None
         st.frames_seen = 0
         self._length_bound = 0
         self._tokens_only = False
@@ -246,7 +261,9 @@ class StaticGenerator:
             thresholds: (B, T) float task-loss requirements, or None (no early stop).
             tokens: (B, T, P, H) the clips' vision tokens (``AutoGazePolicy.encode``) instead of
                 ``video``, e.g. one encoding shared by several rollouts of a clip; only at the start
-                of a clip (no conv cache is kept to stream on from).
+                of a clip (no conv cache is kept to stream on from), and not for a policy with
+                ``canvas_input`` (each frame's tokens depend on the gazes of the frame before:
+                frames are encoded one by one, outside the graphs).
             temperature, generator: sampling (``sample=True`` only): temperature > 0 and the
                 ``torch.Generator`` (on the model's device) the draws come from.
         """
@@ -254,6 +271,8 @@ class StaticGenerator:
         K, P = cfg.num_multi_token_pred, cfg.tokens_per_frame
         if (video is None) == (tokens is None):
             raise ValueError("give video or its vision tokens, not both or neither")
+        if tokens is not None and cfg.canvas_input:
+            raise ValueError("a canvas_input policy encodes every frame with its own canvas: give video, not tokens")
         if tokens is not None and st.frames_seen:
             raise ValueError("vision tokens start a clip: call reset() first")
         if video is not None and self._tokens_only:
@@ -283,14 +302,22 @@ class StaticGenerator:
         low, high = budgets.aminmax()
         if int(low) < 1 or int(high) > self.max_gazes:
             raise ValueError(f"budgets must lie in [1, {self.max_gazes}], got {int(low)}..{int(high)}")
-        if tokens is None:
+        if cfg.canvas_input:
+            video = self.policy.frames(video)
+            if st.canvas is None:
+                st.canvas = blank_canvas(B, cfg.input_img_size, video.device)
+        elif tokens is None:
             tokens, st.conv_cache = self.policy.encode(video, st.conv_cache)  # (B, T, P, H)
         else:
             self._tokens_only = True
         widths = budgets.amax(0).tolist()
         frames = []
         for t in range(T):
-            self.vision.copy_(tokens[:, t])
+            if cfg.canvas_input:
+                frame_tokens, st.conv_cache = self.policy.encode(video[:, t : t + 1], st.conv_cache, st.canvas[:, None])
+                self.vision.copy_(frame_tokens[:, 0])
+            else:
+                self.vision.copy_(tokens[:, t])
             self.budget.copy_(budgets[:, t])
             if thresholds is None:
                 self.threshold.fill_(float("-inf"))
@@ -309,17 +336,18 @@ class StaticGenerator:
                 if thresholds is not None and i + 1 < steps and not bool(self.decode):
                     break
             w = widths[t]
-            frames.append(
-                Gazes(
-                    ids=self.ids[:, None, :w].clone(),
-                    emitted=self.emitted[:, None, :w].clone(),
-                    log_prob=self.log_prob[:, None, :w].clone(),
-                    loss_pred=self.loss_pred[:, None, :w].clone(),
-                    value=None if self.value is None else self.value[:, None, :w].clone(),
-                    logits=None,
-                    num_patches=cfg.num_patches,
-                )
+            gazes = Gazes(
+                ids=self.ids[:, None, :w].clone(),
+                emitted=self.emitted[:, None, :w].clone(),
+                log_prob=self.log_prob[:, None, :w].clone(),
+                loss_pred=self.loss_pred[:, None, :w].clone(),
+                value=None if self.value is None else self.value[:, None, :w].clone(),
+                logits=None,
+                num_patches=cfg.num_patches,
             )
+            if cfg.canvas_input:
+                st.canvas = cfg.grid.paste(st.canvas, cfg.grid.views(video[:, t].float()), gazes.gazed_patches()[:, 0])
+            frames.append(gazes)
         st.frames_seen += T
         return Gazes.cat(frames)
 
@@ -379,7 +407,7 @@ class StaticGenerator:
         return hidden
 
     def _store_heads(self, hidden: Tensor) -> None:
-        logits, loss, val = self.policy._heads(hidden)
+        logits, loss, val = self.policy._heads(hidden, self.keys, self.used)
         self.logits.copy_(logits)
         self.loss.copy_(loss)
         if self.val is not None:
@@ -401,6 +429,8 @@ class StaticGenerator:
         positions = st.num_attended[:, None] + self.vision_offsets
         everything = self.all_vision
         hidden = self._call(self.vision, everything, everything, everything, positions)
+        if self.keys is not None:
+            self.keys.copy_(self.policy.pointer.patch_keys(hidden, self.vision))
         self._store_heads(hidden[:, -1])
         self.stale_base.copy_(st.num_attended - K)  # official decode positions: the last K of the prefill
 
@@ -532,12 +562,17 @@ class TileLayout:
         g = self.grid.grid_sizes[scale]
         return -(-self.height * g // self.tile_size), -(-self.width * g // self.tile_size)
 
-    def split(self, video: Tensor) -> Tensor:
-        """(..., C, H, W) -> (..., num_tiles, C, tile, tile), zero padded."""
+    def split(self, video: Tensor, fill: Tensor | None = None) -> Tensor:
+        """(..., C, H, W) -> (..., num_tiles, C, tile, tile), padded with zeros or with ``fill``
+        (C,) (a value per channel)."""
         H, W, ts = self.height, self.width, self.tile_size
         if tuple(video.shape[-2:]) != (H, W):
             raise ValueError(f"frames must be {H}x{W} for this layout, got {tuple(video.shape[-2:])}")
         x = F.pad(video, (0, self.cols * ts - W, 0, self.rows * ts - H))
+        if fill is not None and (x.shape[-2] > H or x.shape[-1] > W):
+            inside = torch.zeros(x.shape[-2:], dtype=torch.bool, device=x.device)
+            inside[:H, :W] = True
+            x = torch.where(inside, x, fill.to(x.device, x.dtype).view(-1, 1, 1))
         x = x.unflatten(-2, (self.rows, ts)).unflatten(-1, (self.cols, ts))  # (..., C, nh, ts, nw, ts)
         n = x.dim()
         x = x.permute(*range(n - 5), n - 4, n - 2, n - 5, n - 3, n - 1)  # (..., nh, nw, C, ts, ts)
@@ -1094,7 +1129,11 @@ class Gazer:
         """(B, T, 3, H, W) frames -> (B * tiles, T, 3, S, S) model input on the model's device."""
         cfg, S = self.config, self.config.input_img_size
         B, T = clip.shape[:2]
-        tiles = layout.split(clip.to(self.policy.device))  # (B, T, nT, 3, ts, ts)
+        fill = None
+        if cfg.canvas_input:  # pad with the grey the policy's canvas starts from: padding then holds no error
+            grey = torch.full((3, 1, 1), 128, dtype=torch.uint8)
+            fill = (preprocess(grey) if preprocessed else grey).view(3)
+        tiles = layout.split(clip.to(self.policy.device), fill)  # (B, T, nT, 3, ts, ts)
         ts = layout.tile_size
         rows = tiles.transpose(1, 2).reshape(B * layout.num_tiles * T, 3, ts, ts)
         if ts != S and not cfg.resize_input:

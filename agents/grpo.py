@@ -564,9 +564,10 @@ def loss_pred_mask(batch: TensorDict, steps: LossPredSteps) -> torch.Tensor:
 def score_rollouts(policy: AutoGazePolicy, batch: TensorDict, temperature: float) -> TensorDict:
     """``policy.score`` of a batch of rollouts at ``temperature``; with a ``clip`` entry (see
     :func:`collect`) every clip is encoded once and its vision tokens shared by its rollouts
-    (the encoder's gradient is then the sum over them, as with one encoding per rollout)."""
+    (the encoder's gradient is then the sum over them, as with one encoding per rollout), unless
+    the policy has ``canvas_input`` (a frame's tokens then depend on the rollout's gazes)."""
     clip = batch.get("clip", None)
-    if clip is None:
+    if clip is None or policy.config.canvas_input:  # canvas_input: each rollout encodes its own canvases
         return policy.score(
             preprocess(batch["video"]), batch["action"], batch["frame_id"], batch["valid"], temperature=temperature
         )

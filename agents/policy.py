@@ -66,6 +66,8 @@ from torch import Tensor, nn
 from gaze_env.patches import PatchGrid
 
 CONFIG_FORMAT = "autogaze-gym/policy-v1"
+OURS = ("value_head.", "canvas_embed.", "pointer.")
+"""Prefixes of the optional parts that are not in official checkpoints (see :class:`PolicyConfig`)."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -120,6 +122,28 @@ class PolicyConfig:
     """Frames per clip the model is meant for; the default capacity of a streaming state."""
     value_head: bool = False
     """Add a (K, H) critic head (not part of official checkpoints)."""
+    canvas_input: bool = False
+    """(ours, not in official checkpoints) The encoder also sees the policy's own paste
+    reconstruction of the frame as it starts (``canvas``: frame ``t - 1``'s reconstruction from the
+    gazes made there, mid-grey before frame 0, as the environment's paste canvas), its absolute
+    error to the frame, and the absolute error of what each coarser scale would paste (the frame
+    resized to the scale and back), through a second patch embedding ``canvas_embed`` added to the
+    frame's. The policy then knows where the reconstruction is stale and what a gaze at each scale
+    would gain there, without inferring it from the gaze history. The canvas is computed inside the
+    policy from the frames and its own gazes, so gazing still needs nothing but the video, and
+    streams."""
+    pointer_head: bool = False
+    """(ours, not in official checkpoints) Add to every patch's logit a pointer term: the match of a
+    query from the predicting hidden state with the patch's key, pooled over the current frame's
+    vision tokens inside the patch's square (area-weighted, one key projection per scale), so that
+    a location's content maps to its patch id directly instead of only through ``lm_head``."""
+    pointer_dim: int = 32
+    """Query / key width of the pointer head."""
+    pointer_coverage: bool = False
+    """The pointer's patch keys also depend on the frame's gazes so far: each patch has one key
+    per coverage state (not gazed, or pasted at scale ``s`` as the finest so far) and its logit
+    mixes their matches by the fraction of its square in each state, so that a patch whose square
+    was just pasted at some scale is judged by what pasting it would still change there."""
     resize_input: bool = False
     """Resize every frame to ``input_img_size`` with bicubic interpolation (align_corners=False,
     no antialias) inside the model, as the official model does. When off, frames must already be
@@ -151,12 +175,15 @@ class PolicyConfig:
                 f"num_multi_token_pred must lie in [1, {self.tokens_per_frame}] (tokens per frame), "
                 f"got {self.num_multi_token_pred}"
             )
+        if self.pointer_coverage and not self.pointer_head:
+            raise ValueError("pointer_coverage shapes the pointer head's keys: it needs pointer_head=True")
         if self.encoder_spatial_kernel % 2 == 0 or self.encoder_temporal_kernel < 1:
             raise ValueError(
                 "encoder_spatial_kernel must be odd and encoder_temporal_kernel >= 1, got "
                 f"{self.encoder_spatial_kernel} and {self.encoder_temporal_kernel}"
             )
-        for name in ("encoder_depth", "num_layers", "max_num_frames", "intermediate_size", "encoder_hidden_size"):
+        for name in ("encoder_depth", "num_layers", "max_num_frames", "intermediate_size", "encoder_hidden_size",
+                     "pointer_dim"):
             if getattr(self, name) < (0 if name == "encoder_depth" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -191,6 +218,8 @@ class PolicyConfig:
 
 
 PRESETS: dict[str, PolicyConfig] = {
+    # tiny and small are ours: the official architecture plus the canvas input and the
+    # coverage-aware pointer head, which make behaviour cloning read the video (see PolicyConfig).
     # CPU default: the env's tiny geometry (N = 84, P = 64), a small decoder.
     "tiny": PolicyConfig(
         input_img_size=64,
@@ -204,6 +233,9 @@ PRESETS: dict[str, PolicyConfig] = {
         num_heads=4,
         num_multi_token_pred=1,
         max_num_frames=8,
+        canvas_input=True,
+        pointer_head=True,
+        pointer_coverage=True,
     ),
     # Paper token geometry (N = 265, P = 196) at 1/4 of the pixels, paper-sized decoder.
     "small": PolicyConfig(
@@ -218,8 +250,12 @@ PRESETS: dict[str, PolicyConfig] = {
         num_heads=6,
         num_multi_token_pred=10,
         max_num_frames=16,
+        canvas_input=True,
+        pointer_head=True,
+        pointer_coverage=True,
     ),
-    # The published model (TRAIN.md stage 1): 3,258,240 parameters with K = 10.
+    # The published model (TRAIN.md stage 1): 3,258,240 parameters with K = 10, official checkpoints
+    # load into it (canvas_input / pointer_head / pointer_coverage=True add our parts on top).
     "paper": PolicyConfig(),
 }
 
@@ -284,10 +320,16 @@ class VisionEncoder(nn.Module):
         )
         self.out_proj = nn.Conv3d(c, cfg.hidden_size, kernel_size=1)
 
-    def forward(self, frames: Tensor, conv_cache: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
-        """frames (B, T, 3, S, S) -> features (B, T, P, H) (row-major grid), new conv cache."""
+    def forward(
+        self, frames: Tensor, conv_cache: list[Tensor] | None, extra: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """frames (B, T, 3, S, S) -> features (B, T, P, H) (row-major grid), new conv cache.
+        ``extra`` (B, C, T, h, w): added to the normalised patch embedding (the optional canvas
+        embedding: after the LayerNorm, so that how much error a token holds is not normalised away)."""
         x = self.temporal_conv(frames.transpose(1, 2))  # (B, C, T, h, w)
         x = self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)  # LayerNorm over channels
+        if extra is not None:
+            x = x + extra
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, past = block(x, None if conv_cache is None else conv_cache[i])
@@ -455,6 +497,180 @@ class GazingModel(nn.Module):
         self.gaze_decoder = GazeDecoder(cfg)
 
 
+class CanvasEmbedding(nn.Module):
+    """(ours) Patch embedding of what a frame's gazes can change (``PolicyConfig.canvas_input``):
+    the canvas the frame starts from, its absolute error to the frame and the absolute error of
+    every coarser scale's view of the frame (what pasting at that scale leaves; the finest scale's
+    is 0), per pixel; same kernel and stride as the frame's patch embedding. Summed over a patch's
+    square these give the L1 gain of pasting it at any scale over the canvas or over a coarser paste."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        e, self.grid = cfg.encoder_patch_size, cfg.grid
+        channels = 3 * (2 + self.grid.num_scales - 1)
+        self.proj = nn.Conv3d(channels, cfg.encoder_hidden_size, kernel_size=(1, e, e), stride=(1, e, e))
+
+    def forward(self, frames: Tensor, canvas: Tensor) -> Tensor:
+        """frames, canvas (B, T, 3, S, S) preprocessed float -> (B, C, T, h, w)."""
+        out = []
+        for t in range(frames.shape[1]):  # a frame at a time: the views of a whole clip can be large
+            f, c = frames[:, t], canvas[:, t]
+            views = self.grid.views(f.float())[:, :-1].to(f.dtype)  # (B, k - 1, 3, S, S)
+            feats = torch.cat([c, (f - c).abs(), (f[:, None] - views).abs().flatten(1, 2)], dim=1)
+            out.append(self.proj(feats[:, :, None]))  # (B, C, 1, h, w)
+        return torch.cat(out, dim=2)
+
+
+def pool_matrix(cfg: PolicyConfig) -> Tensor:
+    """(N, P) float32: the fraction of patch ``v``'s square that vision token ``j`` covers (each row
+    sums to 1; tokens are the ``encoder_patch_size`` squares of the frame, row-major)."""
+    grid, e = cfg.grid, cfg.encoder_patch_size
+    side = cfg.input_img_size // e
+    lo = torch.arange(side) * e  # token edges in pixels
+    y0, x0, y1, x1 = grid.regions.unbind(1)  # (N,) each
+
+    def overlap(a: Tensor, b: Tensor) -> Tensor:  # (N, side) pixels shared with each token row / column
+        return (torch.minimum(b[:, None], lo + e) - torch.maximum(a[:, None], lo)).clamp(min=0)
+
+    area = ((y1 - y0) * (x1 - x0)).float()
+    cover = overlap(y0, y1)[:, :, None] * overlap(x0, x1)[:, None, :]  # (N, side, side)
+    return cover.flatten(1).float() / area[:, None]
+
+
+class PointerHead(nn.Module):
+    """(ours) ``PolicyConfig.pointer_head``: a query per prediction head against per-patch keys.
+
+    A frame's patch keys are computed once from its vision tokens, their final hidden states and
+    their encoder features (the decoder's input, which no norm has rescaled) (:meth:`patch_keys`);
+    a position's pointer logits (:meth:`logits`) are added to ``lm_head``'s (STOP gets 0)."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        super().__init__()
+        self.K, self.d, self.grid = cfg.num_multi_token_pred, cfg.pointer_dim, cfg.grid
+        ks = self.grid.num_scales
+        self.states = ks + 1 if cfg.pointer_coverage else 1  # S: coverage states with a key each
+        self.query = nn.Linear(cfg.hidden_size, self.K * self.d, bias=False)
+        self.key = nn.Linear(cfg.hidden_size, ks * self.states * self.d, bias=False)
+        self.token_key = nn.Linear(cfg.hidden_size, ks * self.states * self.d, bias=False)
+        self.register_buffer("pool", pool_matrix(cfg), persistent=False)
+        if cfg.pointer_coverage:
+            cover, share = coverage_tables(cfg.grid)
+            self.register_buffer("cover", cover, persistent=False)
+            self.register_buffer("share", share, persistent=False)
+
+    def coverage(self, gazed: Tensor) -> Tensor:
+        """gazed (..., N) bool, the frame's gazes so far -> (..., N, S) float32: the fraction of
+        every patch's square whose finest gazed scale is each state (0: not gazed, ``1 + s``:
+        scale ``s``); all in state 0 without ``pointer_coverage`` (S = 1)."""
+        if self.states == 1:
+            return gazed.new_ones(*gazed.shape, 1, dtype=torch.float32)
+        offsets = self.grid.offsets
+        level = torch.zeros(*gazed.shape[:-1], self.cover.shape[1], dtype=torch.int64, device=gazed.device)
+        for k in range(self.grid.num_scales):  # coarse first: finer scales overwrite
+            part = gazed[..., offsets[k] : offsets[k + 1]].float() @ self.cover[offsets[k] : offsets[k + 1]]
+            level = torch.where(part > 0, k + 1, level)  # (..., C) cells pasted at scale k
+        return self.share @ F.one_hot(level, self.states).float()  # (N, C) @ (..., C, S)
+
+    def patch_keys(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """hidden (..., P, H) final hidden states of a frame's vision tokens, tokens (..., P, H)
+        the tokens themselves (:meth:`AutoGazePolicy.encode`) -> (..., N, S, d) keys (one per
+        coverage state), scaled by ``d ** -0.5``."""
+        ks, S, d = self.grid.num_scales, self.states, self.d
+        keys = self.key(hidden) + self.token_key(tokens.to(hidden.dtype))
+        keys = keys.unflatten(-1, (ks, S * d))  # (..., P, k, S d)
+        offsets = self.grid.offsets
+        pool = self.pool.to(keys.dtype)
+        parts = [pool[offsets[k] : offsets[k + 1]] @ keys[..., k, :] for k in range(ks)]
+        return (torch.cat(parts, dim=-2) * d**-0.5).unflatten(-1, (S, d))  # (..., N, S, d)
+
+    def at_steps(
+        self, query: Tensor, keys: Tensor, action: Tensor, frame_id: Tensor, rank: Tensor, valid: Tensor,
+        shift: Tensor,
+    ) -> Tensor:
+        """Pointer logits of trajectory steps in teacher forcing, frame by frame.
+
+        query (B, L, J, d): J queries per step, query ``j`` made ``shift[..., j]`` steps before the
+        step (so its coverage state is the frame's gazes of rank below ``rank - shift``); keys
+        (B, T, N, S, d); action / frame_id / rank (B, L) int64 (0 at invalid steps), valid (B, L)
+        bool, shift (J,) or (B, L, J) int64 -> (B, L, J, N + 1) float32 (STOP and invalid steps 0).
+
+        The steps are laid out (B, T, G, ...) by frame and rank for one batched product with each
+        frame's keys (gathering a frame's keys for every step would take d times the memory of the
+        logits)."""
+        B, L, J, d = query.shape
+        T, N, S = keys.shape[1:4]
+        G = int(rank[valid].max()) + 1 if bool(valid.any()) else 1
+        slot = torch.where(valid, frame_id * G + rank, T * G)  # (B, L); T * G collects the invalid steps
+        laid = query.new_zeros(B, T * G + 1, J, d).scatter(1, slot[..., None, None].expand(-1, -1, J, d), query)
+        scores = torch.einsum("btgjd,btnsd->btgjns", laid[:, : T * G].view(B, T, G, J, d), keys.to(query.dtype))
+        at = slot.clamp(max=T * G - 1)[..., None, None, None].expand(-1, -1, J, N, S)
+        out = scores.reshape(B, T * G, J, N, S).gather(1, at).float()  # (B, L, J, N, S)
+        if S > 1:
+            gaze = valid & (action < N)
+            laid_gazes = torch.zeros(B, T * G + 1, N + 1, dtype=torch.int32, device=query.device)
+            b = torch.arange(B, device=query.device)[:, None].expand(B, L)
+            laid_gazes.index_put_((b, slot, torch.where(gaze, action, N)), gaze.int(), accumulate=True)
+            laid_gazes = laid_gazes[:, : T * G, :N].view(B, T, G, N)
+            before = (laid_gazes.cumsum(2) - laid_gazes) > 0  # (B, T, G, N) gazes of lower rank
+            weights = self.coverage(before).view(B, T * G, N, S)
+            rows = (frame_id[..., None] * G + (rank[..., None] - shift).clamp(min=0)).clamp(0, T * G - 1)  # (B, L, J)
+            w = weights.gather(1, rows.reshape(B, L * J, 1, 1).expand(-1, -1, N, S)).view(B, L, J, N, S)
+            out = (out * w).sum(-1)
+        else:
+            out = out[..., 0]
+        return F.pad(out.masked_fill(~valid[..., None, None], 0.0), (0, 1))
+
+    def queries(self, hidden: Tensor) -> Tensor:
+        """hidden (..., H) -> (..., K, d)."""
+        return self.query(hidden).unflatten(-1, (self.K, self.d))
+
+    def logits(self, hidden: Tensor, keys: Tensor, gazed: Tensor) -> Tensor:
+        """hidden (A, H), keys (A, N, S, d), gazed (A, N) bool the frame's gazes so far ->
+        (A, K, N + 1) pointer logits (0 for STOP)."""
+        scores = torch.einsum("akd,ansd->akns", self.queries(hidden), keys)  # (A, K, N, S)
+        mixed = (scores.float() * self.coverage(gazed)[:, None]).sum(-1)
+        return F.pad(mixed, (0, 1))
+
+
+def coverage_tables(grid: PatchGrid) -> tuple[Tensor, Tensor]:
+    """Cells of side ``gcd`` of the patch squares' sides tile every square exactly: ``cover``
+    (N, C) float32 1 where patch ``v`` covers cell ``c``, ``share`` (N, C) float32 the fraction of
+    ``v``'s square cell ``c`` is (``cover`` over the cells per square)."""
+    cell = math.gcd(*grid.region_sizes)
+    side = grid.frame_size // cell
+    lo = torch.arange(side) * cell
+    y0, x0, y1, x1 = grid.regions.unbind(1)
+    rows = (lo >= y0[:, None]) & (lo < y1[:, None])  # (N, side)
+    cols = (lo >= x0[:, None]) & (lo < x1[:, None])
+    cover = (rows[:, :, None] & cols[:, None, :]).flatten(1).float()  # (N, C)
+    return cover, cover / cover.sum(1, keepdim=True)
+
+
+def blank_canvas(batch_size: int, size: int, device: torch.device) -> Tensor:
+    """(B, 3, S, S) float32: the preprocessed mid-grey (128) canvas a clip's frame 0 starts from."""
+    grey = torch.full((batch_size, 3, size, size), 128, dtype=torch.uint8, device=device)
+    return preprocess(grey)
+
+
+def start_canvases(grid: PatchGrid, frames: Tensor, action: Tensor, frame_id: Tensor, valid: Tensor) -> Tensor:
+    """The canvas every frame starts from (``PolicyConfig.canvas_input``) for given trajectories.
+
+    frames (B, T, 3, S, S) preprocessed float; action / frame_id / valid (B, L) as
+    :meth:`AutoGazePolicy.score` takes them -> (B, T, 3, S, S) float32: frame 0 starts from
+    :func:`blank_canvas`, frame ``t + 1`` from frame ``t``'s paste of its gazes over its start."""
+    B, T, _, S, _ = frames.shape
+    N = grid.num_patches
+    gaze = valid & (action < N)
+    gazed = torch.zeros(B, T, N + 1, dtype=torch.bool, device=frames.device)
+    gazed[torch.arange(B, device=frames.device)[:, None].expand_as(action)[gaze], frame_id[gaze], action[gaze]] = True
+    canvas = blank_canvas(B, S, frames.device)
+    out = [canvas]
+    for t in range(T - 1):
+        canvas = grid.paste(canvas, grid.views(frames[:, t].float()), gazed[:, t, :N])
+        out.append(canvas)
+    return torch.stack(out, dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # generation state and output
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +685,8 @@ class DecodeCache:
     num_attended: Tensor  # (B,) int64: visible tokens so far (the next correct position id)
     conv_cache: list[Tensor] | None  # per conv block (B, C, k - 1, h, w); None before the first frame
     frames_seen: int  # frames processed so far
+    canvas: Tensor | None = None  # (B, 3, S, S) float: the canvas the next frame starts from
+    # (PolicyConfig.canvas_input); None before the first frame
 
     @property
     def capacity(self) -> int:
@@ -502,6 +720,13 @@ class Gazes:
     def num_gazes(self) -> Tensor:
         """(B, T) int64 real gazes per clip and frame."""
         return self.is_gaze.sum(-1)
+
+    def gazed_patches(self) -> Tensor:
+        """(B, T, N) bool: the patches gazed in each frame."""
+        B, T, _ = self.ids.shape
+        out = torch.zeros(B, T, self.num_patches + 1, dtype=torch.bool, device=self.ids.device)
+        out.scatter_(2, torch.where(self.is_gaze, self.ids, self.num_patches), True)
+        return out[..., : self.num_patches]
 
     @staticmethod
     def cat(parts: list[Gazes]) -> Gazes:
@@ -578,6 +803,7 @@ class TeacherForced(NamedTuple):
     action: Tensor  # (B, L) int64 the actions, 0 at invalid steps
     frame_id: Tensor  # (B, L) int64 the frame ids, 0 at invalid steps
     valid: Tensor  # (B, L) bool
+    keys: Tensor | None  # (B, T, N, S, d) every frame's pointer keys (pointer head only)
 
 
 def frame_layout(frame_id: Tensor, valid: Tensor, num_frames: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -626,12 +852,15 @@ class AutoGazePolicy(nn.Module):
         self.config = config
         self.gazing_model = GazingModel(config)
         self.value_head = nn.Linear(config.hidden_size, config.num_multi_token_pred) if config.value_head else None
+        self.canvas_embed = CanvasEmbedding(config) if config.canvas_input else None
+        self.pointer = PointerHead(config) if config.pointer_head else None
         self._init_weights()
 
     def _init_weights(self) -> None:
         # As the official model: HF LLaMA init (normal 0.02) for the decoder, PyTorch defaults for
         # the conv encoder, standard normal for the position embedding.
-        for m in [*self.gazing_model.gaze_decoder.modules(), *([self.value_head] if self.value_head else [])]:
+        extra = [m for m in (self.value_head, self.pointer) if m is not None]
+        for m in [*self.gazing_model.gaze_decoder.modules(), *(x for e in extra for x in e.modules())]:
             if isinstance(m, nn.Linear | nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
@@ -687,15 +916,17 @@ class AutoGazePolicy(nn.Module):
         """Load an official AutoGaze checkpoint folder (``config.json`` + ``model.safetensors``).
 
         The config turns on the official behaviour (``resize_input``, ``official_decode_quirks``,
-        ``stop_per_head``); ``overrides`` may change any field, e.g. ``value_head=True`` (the value
-        head is then the only key allowed to be missing from the checkpoint).
+        ``stop_per_head``); ``overrides`` may change any field, e.g. ``value_head=True``,
+        ``canvas_input=True`` or ``pointer_head=True`` (the parts these add, which no official
+        checkpoint has, are then the only keys allowed to be missing: they keep their fresh
+        initialisation).
         """
         folder = Path(folder)
         cfg = replace(official_config(json.loads((folder / "config.json").read_text())), **overrides)
         model = cls(cfg)
         state = load_file(folder / "model.safetensors", device=str(device))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        allowed = {k for k in model.state_dict() if k.startswith("value_head.")}
+        allowed = {k for k in model.state_dict() if k.startswith(OURS)}
         if unexpected or set(missing) - allowed:
             raise ValueError(
                 f"official checkpoint does not match the config: missing {sorted(set(missing) - allowed)}, "
@@ -704,10 +935,9 @@ class AutoGazePolicy(nn.Module):
         return model.to(device)
 
     # ---- encoder -----------------------------------------------------------------------------
-    def encode(self, video: Tensor, conv_cache: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Preprocessed float video (B, T, 3, H, W) -> vision tokens (B, T, P, H), new conv cache.
-
-        ``conv_cache`` continues a stream (None = zeros before the first frame)."""
+    def frames(self, video: Tensor) -> Tensor:
+        """Preprocessed float video (B, T, 3, H, W) -> the (B, T, 3, S, S) frames the encoder sees
+        (resized to ``input_img_size`` when ``resize_input``)."""
         cfg = self.config
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be (B, T, 3, H, W), got {tuple(video.shape)}")
@@ -717,10 +947,33 @@ class AutoGazePolicy(nn.Module):
         S = cfg.input_img_size
         if cfg.resize_input:
             frames = F.interpolate(video.flatten(0, 1), size=(S, S), mode="bicubic", align_corners=False)
-            video = frames.view(B, T, 3, S, S)
-        elif tuple(video.shape[-2:]) != (S, S):
+            return frames.view(B, T, 3, S, S)
+        if tuple(video.shape[-2:]) != (S, S):
             raise ValueError(f"frames must be {S}x{S} (resize_input is off), got {tuple(video.shape[-2:])}")
-        features, conv_cache = self.gazing_model.vision_model(video, conv_cache)
+        return video
+
+    def encode(
+        self, video: Tensor, conv_cache: list[Tensor] | None = None, canvas: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Preprocessed float video (B, T, 3, H, W) -> vision tokens (B, T, P, H), new conv cache.
+
+        ``conv_cache`` continues a stream (None = zeros before the first frame). ``canvas``
+        (B, T, 3, S, S): the canvas each frame starts from, required exactly when
+        ``config.canvas_input`` (see :func:`start_canvases`)."""
+        video = self.frames(video)
+        if (canvas is None) == self.config.canvas_input:
+            raise ValueError(
+                "this policy " + ("needs the canvases its frames start from (canvas_input)" if self.config.canvas_input
+                                  else "takes no canvas (canvas_input is off)")
+            )
+        extra = None
+        if canvas is not None:
+            if canvas.shape != video.shape:
+                raise ValueError(
+                    f"canvas must be shaped like the frames {tuple(video.shape)}, got {tuple(canvas.shape)}"
+                )
+            extra = self.canvas_embed(video, canvas.to(video.dtype))
+        features, conv_cache = self.gazing_model.vision_model(video, conv_cache, extra)
         return self.gazing_model.connector(features), conv_cache
 
     # ---- generation --------------------------------------------------------------------------
@@ -836,15 +1089,29 @@ class AutoGazePolicy(nn.Module):
                 f"the state has {state.capacity - int(state.length.max())} free cache slots, these frames may "
                 f"need {need}; make it with a larger max_frames / max_gazes_per_frame"
             )
-        tokens, state.conv_cache = self.encode(video, state.conv_cache)  # (B, T, P, H)
+        if not cfg.canvas_input:
+            tokens, state.conv_cache = self.encode(video, state.conv_cache)  # (B, T, P, H)
+        else:  # each frame's canvas follows from the gazes of the frame before: encode frame by frame
+            frames_in = self.frames(video)
+            if state.canvas is None:
+                state.canvas = blank_canvas(B, cfg.input_img_size, self.device)
         frames = []
         for t in range(T):
             thr = None if thresholds is None else thresholds[:, t]
-            frames.append(
-                self._gaze_frame(
-                    state, tokens[:, t], budgets[:, t], thr, temperature, generator, min_gazes_per_frame, return_logits
+            if cfg.canvas_input:
+                frame_tokens, state.conv_cache = self.encode(
+                    frames_in[:, t : t + 1], state.conv_cache, state.canvas[:, None]
                 )
+            else:
+                frame_tokens = tokens[:, t : t + 1]
+            g = self._gaze_frame(
+                state, frame_tokens[:, 0], budgets[:, t], thr, temperature, generator, min_gazes_per_frame,
+                return_logits,
             )
+            if cfg.canvas_input:
+                views = cfg.grid.views(frames_in[:, t].float())
+                state.canvas = cfg.grid.paste(state.canvas, views, g.gazed_patches()[:, 0])
+            frames.append(g)
         state.frames_seen += T
         return Gazes.cat(frames)
 
@@ -883,10 +1150,16 @@ class AutoGazePolicy(nn.Module):
         state.num_attended[rows] += (keep & write).sum(1)
         return hidden
 
-    def _heads(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """hidden (A, H) -> logits (A, K, N+1) float32, loss prediction (A, K), value (A, K) or None."""
+    def _heads(
+        self, hidden: Tensor, keys: Tensor | None = None, gazed: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """hidden (A, H); pointer head only: the frame's pointer keys (A, N, S, d) and its gazes so
+        far (A, N) or (A, N + 1) bool -> logits (A, K, N+1) float32, loss prediction (A, K), value
+        (A, K) or None."""
         dec, K = self.gazing_model.gaze_decoder, self.config.num_multi_token_pred
         logits = dec.lm_head(hidden).float().view(hidden.shape[0], K, -1)
+        if self.pointer is not None:
+            logits = logits + self.pointer.logits(hidden, keys, gazed[:, : self.config.num_patches])
         loss = dec.task_loss_prediction_head(hidden).float()
         value = None if self.value_head is None else self.value_head(hidden).float()
         return logits, loss, value
@@ -956,11 +1229,12 @@ class AutoGazePolicy(nn.Module):
         active = torch.arange(B, device=dev)
         ones = torch.ones(B, P, dtype=torch.bool, device=dev)
         positions = state.num_attended[:, None] + torch.arange(P, device=dev)
-        hidden = self._decoder_call(state, active, vision, ones, ones, ones, positions)[:, -1]  # (A, H)
-        logits, loss, val = self._heads(hidden)  # (A, K, V), (A, K), (A, K) or None
+        prefill = self._decoder_call(state, active, vision, ones, ones, ones, positions)  # (B, P, H)
+        keys = None if self.pointer is None else self.pointer.patch_keys(prefill, vision)  # (A, N, d)
+        used = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        logits, loss, val = self._heads(prefill[:, -1], keys, used)  # (A, K, V), (A, K), (A, K) or None
         stale_base = state.num_attended - K  # official decode positions: the last K of the prefill
         done = torch.zeros(B, dtype=torch.int64, device=dev)  # slots emitted in this frame
-        used = torch.zeros(B, V, dtype=torch.bool, device=dev)
         used[:, STOP] = True
         while True:
             start = done[active]  # (A,)
@@ -995,13 +1269,14 @@ class AutoGazePolicy(nn.Module):
             else:
                 positions, see = state.num_attended[active, None] + keep.long().cumsum(1) - 1, keep
             out = self._decoder_call(state, active, embed(step_ids), emit, see, keep, positions)  # (A, K, H)
-            logits, loss, val = self._heads(out[:, K - 1])
+            logits, loss, val = self._heads(out[:, K - 1], keys, used[active])
             last = emit[:, K - 1]  # the loss after a head-(K-1) slot is head 0's prediction at its row
             loss_pred[active[last], slot[last, K - 1]] = loss[last, 0]
             if not decode:
                 break
             active, logits, loss = active[cont], logits[cont], loss[cont]
             val = None if val is None else val[cont]
+            keys = None if keys is None else keys[cont]
         return Gazes(
             ids[:, None],
             emitted[:, None],
@@ -1054,7 +1329,7 @@ class AutoGazePolicy(nn.Module):
         K, V, STOP, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.stop_id, cfg.hidden_size
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        hidden, pos, rank, act, fid, valid = self.teacher_forced(video, action, frame_id, valid, tokens=tokens)
+        hidden, pos, rank, act, fid, valid, keys = self.teacher_forced(video, action, frame_id, valid, tokens=tokens)
         B, T = (video if tokens is None else tokens).shape[:2]
         L = action.shape[1]
         dev = hidden.device
@@ -1068,11 +1343,18 @@ class AutoGazePolicy(nn.Module):
         dec = self.gazing_model.gaze_decoder
         weight = dec.lm_head.weight.view(K, V, H)
         logits = torch.zeros(B, L, V, dtype=hidden.dtype, device=dev)
+        query = None if self.pointer is None else hidden.new_zeros(B, L, cfg.pointer_dim)
         for k in range(K):
             sel = valid & (head == k)
             if bool(sel.any()):
                 logits[sel] = (h_src[sel] @ weight[k].T).to(logits.dtype)  # autocast: bf16 product
+                if query is not None:
+                    q_weight = self.pointer.query.weight.view(K, cfg.pointer_dim, H)[k]
+                    query[sel] = (h_src[sel] @ q_weight.T).to(query.dtype)
         logits = logits.float()
+        if query is not None:
+            pointer = self.pointer.at_steps(query[:, :, None], keys, act, fid, rank, valid, head[..., None])
+            logits = logits + pointer[:, :, 0]
         loss_all = dec.task_loss_prediction_head(hidden).float()  # (B, S, K)
         loss_pred = loss_all[b_idx[:, None], after_row, after_head]
 
@@ -1137,7 +1419,11 @@ class AutoGazePolicy(nn.Module):
         vis_pos = torch.arange(T, device=dev)[:, None] * P + torch.arange(P, device=dev) + before[:, :, None]  # (B,T,P)
 
         if tokens is None:
-            tokens, _ = self.encode(video)  # (B, T, P, H)
+            canvas = None
+            if cfg.canvas_input:
+                video = self.frames(video)
+                canvas = start_canvases(cfg.grid, video, act, fid, valid)
+            tokens, _ = self.encode(video, canvas=canvas)  # (B, T, P, H)
         elif tokens.shape[0] != B or tokens.shape[2:] != (P, H):
             raise ValueError(f"tokens must be (B={B}, T, {P}, {H}), got {tuple(tokens.shape)}")
         b_idx = torch.arange(B, device=dev)
@@ -1155,7 +1441,11 @@ class AutoGazePolicy(nn.Module):
             causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
             mask = (visible[:, None, :] & causal)[:, None]  # (B, 1, S, S)
         hidden = self.gazing_model.gaze_decoder.model(embeds, positions, mask, None)  # (B, S, H)
-        return TeacherForced(hidden, pos, rank, act, fid, valid)
+        keys = None
+        if self.pointer is not None:
+            vision = hidden.gather(1, vis_pos.view(B, T * P, 1).expand(-1, -1, H)).view(B, T, P, H)
+            keys = self.pointer.patch_keys(vision, tokens)  # (B, T, N, S, d)
+        return TeacherForced(hidden, pos, rank, act, fid, valid, keys)
 
     def multi_token_outputs(self, video: Tensor, action: Tensor, frame_id: Tensor, valid: Tensor) -> TensorDict:
         """Every head's prediction of every step, in one teacher-forced pass (multi-token training).
@@ -1174,7 +1464,7 @@ class AutoGazePolicy(nn.Module):
         """
         cfg = self.config
         K, V, H = cfg.num_multi_token_pred, cfg.vocab_size, cfg.hidden_size
-        hidden, pos, rank, _, _, valid = self.teacher_forced(video, action, frame_id, valid)
+        hidden, pos, rank, act, fid, valid, keys = self.teacher_forced(video, action, frame_id, valid)
         B, L = action.shape
         heads = torch.arange(K, device=video.device)
         logits_valid = valid[..., None] & (rank[..., None] >= heads)  # (B, L, K)
@@ -1182,6 +1472,9 @@ class AutoGazePolicy(nn.Module):
         h_src = hidden.gather(1, src.view(B, L * K, 1).expand(-1, -1, H)).view(B, L, K, H)
         dec = self.gazing_model.gaze_decoder
         logits = torch.einsum("blkh,kvh->blkv", h_src, dec.lm_head.weight.view(K, V, H)).float()
+        if self.pointer is not None:
+            query = torch.einsum("blkh,kdh->blkd", h_src, self.pointer.query.weight.view(K, cfg.pointer_dim, H))
+            logits = logits + self.pointer.at_steps(query, keys, act, fid, rank, valid, heads)
         loss_valid = valid[..., None] & (rank[..., None] >= heads - 1)  # (B, L, K)
         loss_row = torch.where(loss_valid, pos[..., None] - heads, 0)
         h_loss = hidden.gather(1, loss_row.view(B, L * K, 1).expand(-1, -1, H)).view(B, L, K, H)

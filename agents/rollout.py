@@ -73,7 +73,8 @@ class RolloutEngine:
     Both sample from the same distribution and return the log-probs ``AutoGazePolicy.score``
     gives back; greedy gazes are equal. The draws differ (``generate`` calls
     ``torch.multinomial``), so a seeded run gives other (equally likely) rollouts per engine.
-    Rollouts of one clip (``group_size``) share one encoding of the clip in ``static``.
+    Rollouts of one clip (``group_size``) share one encoding of the clip in ``static`` (not with
+    ``canvas_input``: there a frame's encoding depends on the rollout's earlier gazes).
 
     Args:
         kind: ``auto``, ``reference`` or ``static``.
@@ -146,19 +147,23 @@ class RolloutEngine:
         N = policy.config.num_patches
         cap = min(N, 1 << math.ceil(math.log2(max(1, int(budgets.max())))))
         engine = self._engine(policy, B, cap, T, min_gazes_per_frame, temperature > 0)
-        tokens, _ = policy.encode(preprocess(video).to(dtype))  # (n, T, P, H): one encoding per clip
-        if group_size > 1:
-            tokens = tokens.repeat_interleave(group_size, 0)
         thresholds = None
         if task_loss_requirement is not None:
             thresholds = torch.as_tensor(task_loss_requirement, dtype=torch.float32, device=policy.device)
             thresholds = thresholds.expand(B, T).contiguous()
+        frames, tokens = None, None
+        if policy.config.canvas_input:  # every rollout's frames are encoded with its own canvas
+            frames = preprocess(video.repeat_interleave(group_size, 0) if group_size > 1 else video).to(dtype)
+        else:
+            tokens, _ = policy.encode(preprocess(video).to(dtype))  # (n, T, P, H): one encoding per clip
+            if group_size > 1:
+                tokens = tokens.repeat_interleave(group_size, 0)
         engine.reset()
         if temperature > 0:
             return engine.generate(
-                None, budgets, thresholds, tokens=tokens, temperature=temperature, generator=generator
+                frames, budgets, thresholds, tokens=tokens, temperature=temperature, generator=generator
             )
-        return engine.generate(None, budgets, thresholds, tokens=tokens)
+        return engine.generate(frames, budgets, thresholds, tokens=tokens)
 
     def _model(self, policy: AutoGazePolicy) -> AutoGazePolicy:
         """``policy``, or its copy in ``self.dtype`` with the policy's current weights."""

@@ -86,6 +86,10 @@ POLICY_OVERRIDES = (
     "num_heads",
     "encoder_hidden_size",
     "encoder_patch_size",
+    "canvas_input",
+    "pointer_head",
+    "pointer_dim",
+    "pointer_coverage",
 )
 """TrainBCConfig fields that override the policy preset (same names as PolicyConfig)."""
 
@@ -124,7 +128,7 @@ class TrainBCConfig:
     """Clips for labelling (train split) and evaluation (val split): a folder or video file, or a
     .pt file; none = the embedded default data."""
     # ---- optimisation
-    steps: int = 240
+    steps: int = 480
     """Optimizer steps (the schedule spans them)."""
     epochs: float | None = None
     """Train this many passes over the expert data instead of --steps (steps = ceil(epochs *
@@ -175,8 +179,19 @@ class TrainBCConfig:
     encoder_patch_size: int | None = None
     """Conv patch embedding kernel = stride in pixels; (frame / it)^2 vision tokens per frame
     (preset: tiny 8, small 8, paper 16)."""
+    canvas_input: bool | None = None
+    """The encoder also sees the policy's own paste reconstruction each frame starts from
+    (agents.policy.PolicyConfig.canvas_input)."""
+    pointer_head: bool | None = None
+    """Pointer term on the patch logits from the current frame's vision tokens
+    (agents.policy.PolicyConfig.pointer_head)."""
+    pointer_dim: int | None = None
+    """Query / key width of the pointer head (preset: 32)."""
+    pointer_coverage: bool | None = None
+    """Pointer keys per coverage state of the frame's gazes so far
+    (agents.policy.PolicyConfig.pointer_coverage)."""
     # ---- evaluation, checkpoints, logging
-    eval_interval: int = 80
+    eval_interval: int = 160
     """Evaluate the policy every this many steps (0: only at the end)."""
     eval_clips: int = 32
     """Held-out clips scored (the first ones of the val split)."""
@@ -186,7 +201,7 @@ class TrainBCConfig:
     """Baselines scored once on the same clips (see agents.baselines.BASELINES)."""
     eval_batch_size: int = 32
     """Clips rolled out together in the evaluation."""
-    ckpt_interval: int = 80
+    ckpt_interval: int = 160
     """Write a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
     """Newest step checkpoints kept."""

@@ -177,15 +177,25 @@ class PatchGrid:
         back to ``H``. The region of patch ``(s, r, c)`` in view ``s`` is exactly that patch's
         content upsampled to the square it covers, so pasting a patch is a region copy.
         """
+        return self.views(frames.float()).round_().clamp_(0, 255).to(torch.uint8)
+
+    def views(self, frames: torch.Tensor) -> torch.Tensor:
+        """:meth:`scale_views` in floating point, unrounded: (B, C, H, W) float -> (B, k, C, H, W)."""
         H = self.frame_size
         if tuple(frames.shape[-2:]) != (H, H):
             raise ValueError(f"frames must be {H}x{H} for this grid, got {tuple(frames.shape[-2:])}")
-        x = frames.float()
-        views = []
-        for s in self.scales:
-            v = x if s == H else self.resize(self.resize(x, s), H)
-            views.append(v.round_().clamp_(0, 255).to(torch.uint8))
-        return torch.stack(views, dim=1)
+        return torch.stack([frames if s == H else self.resize(self.resize(frames, s), H) for s in self.scales], dim=1)
+
+    def paste(self, canvas: torch.Tensor, views: torch.Tensor, gazed: torch.Tensor) -> torch.Tensor:
+        """A frame's paste reconstruction: every pixel covered by a gazed patch takes the view of the
+        finest scale that gazed it, the others keep ``canvas``.
+
+        canvas (B, C, H, W), views (B, k, C, H, W) (:meth:`scale_views` or :meth:`views` of the
+        frame), gazed (B, N) bool -> (B, C, H, W), a new tensor of the views' dtype."""
+        out = canvas.to(views.dtype)
+        for k in range(self.num_scales):  # coarse first: finer scales overwrite
+            out = torch.where(self.pixel_mask(gazed, scale=k)[:, None], views[:, k], out)
+        return out
 
     def extract(self, frames: torch.Tensor) -> list[torch.Tensor]:
         """Patch contents per scale: (B, C, H, W) float -> [(B, g_i^2, C, p, p)] in flat order."""

@@ -9,6 +9,10 @@ from gaze_env.config import get_preset
 torch.set_num_threads(1)
 
 
+OFFICIAL_PARTS = {"canvas_input": False, "pointer_head": False, "pointer_coverage": False}
+"""Policy overrides that drop our optional parts from a preset (the official architecture)."""
+
+
 def random_clips(n: int, preset: str = "tiny", seed: int = 0) -> torch.Tensor:
     """(n, T, 3, H, W) uint8 clips of smooth random content with some motion."""
     p = get_preset(preset)

@@ -8,7 +8,7 @@ from agents.actor import GazeStep, gaze_state_primer, make_gaze_actor
 from agents.policy import AutoGazePolicy, preprocess
 from agents.rollout import rollout
 from gaze_env.torchrl_env import AutoGazeTorchEnv
-from tests.conftest import random_clips
+from tests.conftest import OFFICIAL_PARTS, random_clips
 
 STEPS = 8 * 8  # tiny preset at gazing ratio 0.1: 8 frames of 8 gazes
 
@@ -30,10 +30,15 @@ def valid_actions(roll) -> bool:
     return bool(roll["action_mask"].gather(-1, roll["action"][..., None]).all())
 
 
-@pytest.mark.parametrize("K", [1, 3])
-def test_gaze_actor__greedy_actions_are_valid_and_equal_generate(K):
+def parts(ours: bool) -> dict:
+    """The preset's own parts (canvas input, pointer head: recurrent state of their own) or none."""
+    return {} if ours else OFFICIAL_PARTS
+
+
+@pytest.mark.parametrize("K, ours", [(1, False), (3, False), (1, True), (3, True)])
+def test_gaze_actor__greedy_actions_are_valid_and_equal_generate(K, ours):
     torch.manual_seed(K)
-    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=K).eval()
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=K, **parts(ours)).eval()
     clips = random_clips(3, seed=3)
     base, env = make_env(policy, clips)
     actor = make_gaze_actor(policy, base)
@@ -51,9 +56,10 @@ def test_gaze_actor__greedy_actions_are_valid_and_equal_generate(K):
     assert torch.allclose(roll["action_log_prob"], traj["log_prob"], atol=1e-4)
 
 
-def test_gaze_actor__sampled_log_probs_equal_the_policys_teacher_forced_score():
+@pytest.mark.parametrize("ours", [False, True])
+def test_gaze_actor__sampled_log_probs_equal_the_policys_teacher_forced_score(ours):
     torch.manual_seed(0)
-    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=2).eval()
+    policy = AutoGazePolicy.from_preset("tiny", num_multi_token_pred=2, **parts(ours)).eval()
     clips = random_clips(2, seed=5)
     base, env = make_env(policy, clips)
     with set_exploration_type(ExplorationType.RANDOM):
@@ -65,9 +71,10 @@ def test_gaze_actor__sampled_log_probs_equal_the_policys_teacher_forced_score():
     assert torch.allclose(roll["action_log_prob"], scored["log_prob"], atol=1e-4)
 
 
-def test_gaze_actor__collector_resets_the_state_between_episodes():
+@pytest.mark.parametrize("ours", [False, True])
+def test_gaze_actor__collector_resets_the_state_between_episodes(ours):
     torch.manual_seed(0)
-    policy = AutoGazePolicy.from_preset("tiny").eval()
+    policy = AutoGazePolicy.from_preset("tiny", **parts(ours)).eval()
     clips = random_clips(3, seed=6)
     base, _ = make_env(policy, clips)
     # the bare env: the collector appends the actor's primer and InitTracker itself

@@ -10,17 +10,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from agents.gazer import Gazer, GazeResult, StaticGenerator, TileLayout, main, read_video
-from agents.policy import AutoGazePolicy, Gazes
+from agents.policy import AutoGazePolicy, Gazes, preprocess
 from gaze_env.video import SyntheticSource, sample_video_dir
 from tests.agents.test_policy import (
     FIXTURES,
     OFFICIAL_KEYS,
     THRESHOLDS,
+    VARIANTS,
     draw_budgets,
     random_model,
     random_video,
     threshold_for,
 )
+from tests.conftest import OFFICIAL_PARTS
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +121,7 @@ def test_static_generator__equals_policy_generate(seed):
         stop_per_head=seed % 3 == 0,
         official_decode_quirks=seed % 2 == 1,
         value_head=True,
+        **VARIANTS[sorted(VARIANTS)[seed % 4]],
     )
     B, T = 1 + seed % 3, 1 + seed % 4
     video = random_video(seed, B, T)
@@ -175,7 +178,10 @@ def test_static_generator__per_frame_graph_key_bounds_give_the_same_gazes():
 def test_static_generator__cuda_graphs_give_the_gazes_of_generate(seed):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = random_model(seed, num_multi_token_pred=(1, 3)[seed % 2], official_decode_quirks=seed % 2 == 1).cuda()
+    model = random_model(
+        seed, num_multi_token_pred=(1, 3)[seed % 2], official_decode_quirks=seed % 2 == 1,
+        **VARIANTS[sorted(VARIANTS)[seed % 4]],
+    ).cuda()
     video = random_video(seed, 3, 4).cuda()
     budgets = draw_budgets(seed, 3, 4, ragged=True).cuda()
     thr = threshold_for(model, video, budgets, seed) if seed >= 2 else None
@@ -207,7 +213,9 @@ def test_gazer__reproduces_official_fixture_on_cuda_with_graphs(name):
 # ---- sampling in the static engine ----------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(4))
 def test_static_generator__sampled_log_probs_are_what_score_gives_back(seed):
-    model = random_model(seed, num_multi_token_pred=(1, 3)[seed % 2], value_head=seed % 2 == 0)
+    model = random_model(
+        seed, num_multi_token_pred=(1, 3)[seed % 2], value_head=seed % 2 == 0, **VARIANTS[sorted(VARIANTS)[seed % 4]]
+    )
     B, T = 3, 3
     video = random_video(seed, B, T)
     budgets = draw_budgets(seed, B, T, ragged=True)
@@ -274,13 +282,15 @@ def test_static_generator__vision_tokens_instead_of_video_give_the_same_gazes():
     engine.generate(None, budgets[:, :1], tokens=tokens[:, :1])
     with pytest.raises(ValueError, match="conv cache"):
         engine.generate(video[:, 1:], budgets[:, 1:])
+    with pytest.raises(ValueError, match="canvas_input"):  # its frames' tokens depend on its own gazes
+        StaticGenerator(random_model(2, canvas_input=True), 2, 8, max_frames=3).generate(None, budgets, tokens=tokens)
 
 
 @pytest.mark.gpu
 def test_static_generator__sampling_graphs_draw_what_the_eager_engine_draws():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    model = random_model(7, num_multi_token_pred=3).cuda()
+    model = random_model(7, num_multi_token_pred=3, **VARIANTS["both"]).cuda()
     video = random_video(7, 4, 4).cuda()
     budgets = draw_budgets(7, 4, 4, ragged=True).cuda()
     runs = []
@@ -341,6 +351,21 @@ def test_gazer__non_square_frames_map_back_and_drop_padding_gazes():
     assert tuple(result.pixel_masks().shape) == (2, 3, 64, 96) and bool(result.pixel_masks().all())
     assert tuple(result.pixel_masks(1).shape) == (1, 3, 64, 96)
     assert tuple(result.token_mask(16, 64).shape) == (2, 16)
+
+
+@pytest.mark.parametrize("preprocessed", [False, True])
+def test_gazer__pads_tiles_black_for_official_models_and_with_the_canvas_grey_for_ours(preprocessed):
+    video = smooth_video(1, 2, 64, 96)  # 1 x 2 tiles, the second half padding
+    if preprocessed:
+        video = preprocess(video)
+    layout = TileLayout(64, 96, 64, AutoGazePolicy.from_preset("tiny").config.grid)
+    grey = preprocess(torch.full((3, 1, 1), 128, dtype=torch.uint8)).view(3)
+    for parts, pad in ((OFFICIAL_PARTS, torch.zeros(3)), ({}, grey if preprocessed else torch.full((3,), 128.0))):
+        gazer = Gazer(spread_policy(2, **parts))
+        rows = gazer._rows(video[None], layout, preprocessed)  # (tiles, T, 3, 64, 64) model input
+        expected = pad if preprocessed else preprocess(pad.to(torch.uint8).view(3, 1, 1)).view(3)
+        torch.testing.assert_close(rows[1, :, :, :, 32:], expected.view(1, 3, 1, 1).expand(2, 3, 64, 32))
+        torch.testing.assert_close(rows[1, :, :, :, :32], (video if preprocessed else preprocess(video))[:, :, :, 64:])
 
 
 def test_gazer__chunks_of_a_long_video_equal_separate_clip_runs():
@@ -496,8 +521,8 @@ def test_read_video__keeps_native_resolution():
 
 
 def test_cli__writes_json_and_gif_for_a_sample_clip(tmp_path, capsys):
-    spread_policy(9).save_pretrained(tmp_path / "ckpt")
-    clip = sample_video_dir() / "bigbuckbunny.mp4"  # 1280x720
+    spread_policy(9, **OFFICIAL_PARTS).save_pretrained(tmp_path / "ckpt")  # random weights: no reason to
+    clip = sample_video_dir() / "bigbuckbunny.mp4"  # 1280x720; a random canvas model may pick padding patches
     out, gif = tmp_path / "gazes.json", tmp_path / "gazes.gif"
     argv = [str(clip), "--checkpoint", str(tmp_path / "ckpt"), "--gazing-ratio", "0.1", "--task-loss-requirement"]
     argv += ["0.7", "--tile-size", "128", "--max-frames", "3", "--out", str(out), "--viz", str(gif), "--no-progress"]

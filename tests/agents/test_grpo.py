@@ -29,7 +29,7 @@ from agents.rollout import RolloutEngine, rollout
 from gaze_env.builder import build
 from gaze_env.config import budget_for_ratio
 from gaze_env.video import moving_object_clip
-from tests.conftest import random_clips
+from tests.conftest import OFFICIAL_PARTS, random_clips
 
 
 def test_discounted_returns__counts_discount_in_gaze_steps_across_frames():
@@ -274,8 +274,10 @@ def test_grpo_step__reports_losses_diagnostics_and_timings(tiny):
         GRPOConfig(group_size=1)
 
 
-def test_score_rollouts__one_encoding_per_clip_gives_the_per_rollout_scores_and_gradients(tiny):
-    _, policy0, _ = tiny
+@pytest.mark.parametrize("ours", [False, True])
+def test_score_rollouts__one_encoding_per_clip_gives_the_per_rollout_scores_and_gradients(tiny, ours):
+    torch.manual_seed(0)  # the official architecture shares a clip's encoding; ours (canvas input) cannot
+    policy0 = tiny[1] if ours else AutoGazePolicy.from_preset("tiny", **OFFICIAL_PARTS)
     _, batch = _fixed_batch(tiny, seed=2)
     assert batch["clip"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     grads = []

@@ -80,7 +80,9 @@ def random_model(seed: int, **kw) -> AutoGazePolicy:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("norm.weight") else 0.0))
+            # our parts feed the logits more directly (a product of two projections; a wide canvas embedding)
+            std = 0.05 if name.startswith(("pointer.", "canvas_embed.")) else 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if name.endswith("norm.weight") else 0.0))
     return model
 
 
@@ -256,9 +258,14 @@ def test_generate__streaming_one_frame_at_a_time_equals_whole_clip(fixture):
         assert int(first.min()) >= 2 * 265
 
 
-def test_load_official__value_head_is_the_only_key_allowed_missing(tmp_path):
+def test_load_official__our_optional_parts_are_the_only_keys_allowed_missing(tmp_path):
     model = AutoGazePolicy.load_official(FIXTURES / "small_k1", value_head=True)
     assert model.value_head is not None
+    ours = AutoGazePolicy.load_official(FIXTURES / "small_k1", canvas_input=True, pointer_head=True)
+    official = AutoGazePolicy.load_official(FIXTURES / "small_k1")
+    assert {k.split(".")[0] for k in set(ours.state_dict()) - set(official.state_dict())} == {"canvas_embed", "pointer"}
+    for k, v in official.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((FIXTURES / "small_k1" / "config.json").read_text())
@@ -294,6 +301,87 @@ def test_presets__geometry_and_value_head():
         AutoGazePolicy.from_preset("huge")
 
 
+def test_encode__takes_a_canvas_exactly_when_the_config_says_so():
+    video = random_video(0, 2, 3)
+    plain, canvas = random_model(0), random_model(0, canvas_input=True)
+    with pytest.raises(ValueError, match="takes no canvas"):
+        plain.encode(video, canvas=video)
+    with pytest.raises(ValueError, match="needs the canvases"):
+        canvas.encode(video)
+    with pytest.raises(ValueError, match="shaped like the frames"):
+        canvas.encode(video, canvas=video[:, :1])
+    # the canvas changes the tokens; the frames' own embedding is the official one
+    a, _ = canvas.encode(video, canvas=video)
+    b, _ = canvas.encode(video, canvas=torch.zeros_like(video))
+    assert not torch.allclose(a, b)
+
+
+def test_start_canvases__are_the_environments_paste_canvas_at_each_frame_start():
+    """The policy's own canvas (preprocessed floats, unrounded views) follows the env's uint8
+    paste canvas to within the env's rounding, over random gazes with ragged budgets."""
+    from agents.baselines import make_baseline, run_episodes
+    from agents.policy import start_canvases
+    from gaze_env import core
+    from gaze_env.builder import build
+    from tests.conftest import random_clips
+
+    built = build("tiny", reward="frame")
+    video = random_clips(3, seed=4)
+    budgets = torch.tensor([[3, 1, 8, 2, 5, 4, 1, 6]]).expand(3, -1)
+    td = run_episodes(make_baseline("random"), built.params, video, budgets, generator=torch.Generator().manual_seed(0))
+    state = core.reset(built.params, video, budgets=budgets)
+    starts = [state.canvas.clone()]
+    for step in range(td["action"].shape[1]):
+        t = state.t.clone()
+        core.step(built.params, state, torch.where(td["valid"][:, step], td["action"][:, step], 84))
+        if bool((state.t != t).any()) and len(starts) < 8:
+            assert bool((state.t != t).all())  # budgets shared by the rows: frames end together
+            starts.append(state.canvas.clone())
+    env = preprocess(torch.stack(starts, 1))  # (B, T, 3, H, W)
+    ours = start_canvases(PRESETS["tiny"].grid, preprocess(video), td["action"], td["frame_id"], td["valid"])
+    assert ours.dtype == torch.float32 and ours.shape == env.shape
+    rounding = 0.5 / 127.5 / 0.224  # half a uint8 step, preprocessed (the smallest std)
+    assert float((ours - env).abs().max()) <= rounding * 1.01
+    assert float((ours[:, 1:] - ours[:, :-1]).abs().max()) > 1.0  # the canvas does change
+
+
+def test_pool_matrix__rows_are_the_area_fractions_of_tokens_in_a_patch():
+    from agents.policy import pool_matrix
+
+    tiny = pool_matrix(PRESETS["tiny"])  # (84, 64): 8 px tokens, patches of 32, 16, 8 px
+    torch.testing.assert_close(tiny.sum(1), torch.ones(84))
+    assert torch.equal(tiny[20:], torch.eye(64))  # a finest patch is one token
+    quarter = torch.zeros(8, 8, dtype=torch.bool)
+    quarter[:4, :4] = True  # the first coarse patch: the top-left 4 x 4 tokens
+    assert torch.equal((tiny[0] > 0).view(8, 8), quarter)
+    paper = pool_matrix(PRESETS["paper"])  # 16 px tokens; scale 64 patches cover 56 px: 3.5 tokens a side
+    torch.testing.assert_close(paper.sum(1), torch.ones(265))
+    first = paper[4].view(14, 14)  # scale 64, patch (0, 0): pixels [0, 56)
+    torch.testing.assert_close(first[3, 3], torch.tensor(0.5 * 0.5 * 16 * 16 / 56**2))
+    assert float(first[:4, :4].sum()) == pytest.approx(1.0) and float(first[4:].sum() + first[:, 4:].sum()) == 0
+
+
+def test_pointer_head__adds_the_pooled_query_key_match_to_the_patch_logits():
+    model = random_model(3, pointer_head=True, pointer_dim=4, num_multi_token_pred=2)
+    cfg, ptr = model.config, model.pointer
+    vision = torch.randn(2, cfg.tokens_per_frame, cfg.hidden_size)  # (B, P, H) final hidden states
+    tokens = torch.randn(2, cfg.tokens_per_frame, cfg.hidden_size)  # (B, P, H) encoder tokens
+    hidden = torch.randn(2, cfg.hidden_size)
+    with torch.no_grad():
+        keys = ptr.patch_keys(vision, tokens)  # (B, N, d)
+        nothing = torch.zeros(2, cfg.num_patches, dtype=torch.bool)  # no gaze yet: every square uncovered
+        got = model._heads(hidden, keys, nothing)[0] - model.gazing_model.gaze_decoder.lm_head(hidden).view(2, 2, -1)
+        q = ptr.query(hidden).view(2, 2, 4)
+        k_tok = (ptr.key(vision) + ptr.token_key(tokens)).view(2, cfg.tokens_per_frame, 3, 4)  # one per scale
+    grid, side = cfg.grid, cfg.input_img_size // cfg.encoder_patch_size
+    for v in (0, 3, 7, 20):  # patches of every scale
+        y0, x0, y1, x1 = (int(c) // cfg.encoder_patch_size for c in grid.regions[v])
+        inside = [r * side + c for r in range(y0, y1) for c in range(x0, x1)]
+        want = (q[:, :, None] * k_tok[:, inside, int(grid.patch_scale[v])][:, None]).sum(-1).mean(-1) / 2
+        torch.testing.assert_close(got[:, :, v], want, atol=1e-5, rtol=1e-5)
+    assert float(got[:, :, -1].abs().max()) == 0  # STOP gets nothing from the pointer
+
+
 def test_preprocess__rescales_then_imagenet_normalises():
     video = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2)
     out = preprocess(video)
@@ -305,7 +393,14 @@ def test_preprocess__rescales_then_imagenet_normalises():
 
 
 # ---- generation invariants on random models ----------------------------------------------------
+VARIANTS = {  # the optional architecture parts, off (the official model) and on
+    "official": {},
+    "canvas": {"canvas_input": True},
+    "pointer": {"pointer_head": True, "pointer_dim": 4},
+    "both": {"canvas_input": True, "pointer_head": True, "pointer_dim": 4},
+}
 CASE = dict(
+    variant=st.sampled_from(sorted(VARIANTS)),
     seed=st.integers(0, 10_000),
     k=st.sampled_from([1, 2, 3, 5]),
     batch=st.integers(1, 3),
@@ -339,9 +434,9 @@ def threshold_for(model, video, budgets, seed: int) -> torch.Tensor:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**CASE)
 def test_generate__masks_budgets_and_stop_rule_hold(
-    seed, k, batch, frames, temperature, stop_per_head, use_threshold, ragged, min_gazes_per_frame
+    variant, seed, k, batch, frames, temperature, stop_per_head, use_threshold, ragged, min_gazes_per_frame
 ):
-    model = random_model(seed, num_multi_token_pred=k, stop_per_head=stop_per_head)
+    model = random_model(seed, num_multi_token_pred=k, stop_per_head=stop_per_head, **VARIANTS[variant])
     N = model.config.num_patches
     video = random_video(seed, batch, frames)
     budgets = draw_budgets(seed, batch, frames, ragged)
@@ -383,6 +478,7 @@ def test_generate__masks_budgets_and_stop_rule_hold(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    variant=st.sampled_from(sorted(VARIANTS)),
     seed=st.integers(0, 10_000),
     k=st.sampled_from([1, 2, 3]),
     batch=st.integers(1, 3),
@@ -393,9 +489,9 @@ def test_generate__masks_budgets_and_stop_rule_hold(
     min_gazes_per_frame=st.sampled_from([1, 2]),
 )
 def test_generate__cached_equals_recomputing_the_full_sequence(
-    seed, k, batch, frames, stop_per_head, use_threshold, ragged, min_gazes_per_frame
+    variant, seed, k, batch, frames, stop_per_head, use_threshold, ragged, min_gazes_per_frame
 ):
-    model = random_model(seed, num_multi_token_pred=k, stop_per_head=stop_per_head)
+    model = random_model(seed, num_multi_token_pred=k, stop_per_head=stop_per_head, **VARIANTS[variant])
     video = random_video(seed, batch, frames)
     budgets = draw_budgets(seed, batch, frames, ragged)
     thr = threshold_for(model, video, budgets, seed) if use_threshold else None
@@ -422,9 +518,11 @@ def test_generate__cached_equals_recomputing_the_full_sequence(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**CASE)
 def test_generate__log_probs_loss_and_values_equal_teacher_forced_scores(
-    seed, k, batch, frames, temperature, stop_per_head, use_threshold, ragged, min_gazes_per_frame
+    variant, seed, k, batch, frames, temperature, stop_per_head, use_threshold, ragged, min_gazes_per_frame
 ):
-    model = random_model(seed, num_multi_token_pred=k, stop_per_head=stop_per_head, value_head=True)
+    model = random_model(
+        seed, num_multi_token_pred=k, stop_per_head=stop_per_head, value_head=True, **VARIANTS[variant]
+    )
     video = random_video(seed, batch, frames)
     budgets = draw_budgets(seed, batch, frames, ragged)
     thr = threshold_for(model, video, budgets, seed) if use_threshold else None
@@ -453,9 +551,14 @@ def test_generate__log_probs_loss_and_values_equal_teacher_forced_scores(
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), k=st.sampled_from([1, 3]), temperature=st.sampled_from([0.0, 1.0]))
-def test_generate__streaming_equals_whole_clip_on_random_models(seed, k, temperature):
-    model = random_model(seed, num_multi_token_pred=k, value_head=True)
+@given(
+    variant=st.sampled_from(sorted(VARIANTS)),
+    seed=st.integers(0, 10_000),
+    k=st.sampled_from([1, 3]),
+    temperature=st.sampled_from([0.0, 1.0]),
+)
+def test_generate__streaming_equals_whole_clip_on_random_models(variant, seed, k, temperature):
+    model = random_model(seed, num_multi_token_pred=k, value_head=True, **VARIANTS[variant])
     video = random_video(seed, 2, 3)
     budgets = draw_budgets(seed, 2, 3, ragged=True)
     thr = threshold_for(model, video, budgets, seed)
@@ -533,8 +636,9 @@ def test_score__masked_and_unmasked_agree_on_first_gazes_and_differentiate():
 
 
 # ---- persistence -------------------------------------------------------------------------------
-def test_save_pretrained__round_trip_is_bit_exact(tmp_path):
-    model = random_model(5, num_multi_token_pred=3, value_head=True)
+@pytest.mark.parametrize("variant", ["official", "both"])
+def test_save_pretrained__round_trip_is_bit_exact(tmp_path, variant):
+    model = random_model(5, num_multi_token_pred=3, value_head=True, **VARIANTS[variant])
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
     loaded = AutoGazePolicy.from_pretrained(tmp_path / "ckpt")

@@ -4,7 +4,7 @@ import torch
 from agents.policy import AutoGazePolicy, preprocess
 from agents.rollout import RolloutEngine, core_replay, paste_replay, paste_replay_supported, replay, rollout
 from gaze_env.builder import build
-from tests.conftest import random_clips
+from tests.conftest import OFFICIAL_PARTS, random_clips
 
 
 def test_rollout__rewards_and_losses_come_from_the_env_and_log_probs_from_the_policy():
@@ -115,9 +115,10 @@ def test_paste_replay__rejects_trajectories_that_end_early_and_other_rewards():
     assert td["reward"].shape == action.shape
 
 
-def test_rollout__groups_share_a_clip_and_the_static_engine_samples_what_score_gives_back():
+@pytest.mark.parametrize("ours", [False, True])
+def test_rollout__groups_share_a_clip_and_the_static_engine_samples_what_score_gives_back(ours):
     built = build("tiny", videos=random_clips(1))
-    policy = AutoGazePolicy.from_preset("tiny").eval()
+    policy = AutoGazePolicy.from_preset("tiny", **({} if ours else OFFICIAL_PARTS)).eval()
     video = random_clips(2, seed=2)
     budgets = torch.tensor([4, 3, 3, 2, 2, 2, 2, 5]).expand(6, 8)
     for kind in ("reference", "static"):
@@ -157,7 +158,7 @@ def test_rollout_engine__a_bf16_copy_follows_the_policy_weights(kind):
         assert td["log_prob"].dtype == torch.float32 and torch.equal(td["valid"].sum(1), budgets.sum(1))
         with torch.no_grad():  # as a training step would: the next call must use the new weights
             for p in policy.parameters():
-                p.add_(0.01)
+                p.add_(0.001)  # small: a larger shift sharpens the pointer logits beyond bf16 tolerances
 
 
 @pytest.mark.gpu
@@ -177,11 +178,12 @@ def test_paste_replay__equals_the_core_replay_on_cuda_at_the_paper_geometry():
 
 
 @pytest.mark.gpu
-def test_rollout__static_engine_with_cuda_graphs_on_cuda():
+@pytest.mark.parametrize("ours", [False, True])
+def test_rollout__static_engine_with_cuda_graphs_on_cuda(ours):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     built = build("tiny", videos=random_clips(1))
-    policy = AutoGazePolicy.from_preset("tiny").cuda().eval()
+    policy = AutoGazePolicy.from_preset("tiny", **({} if ours else OFFICIAL_PARTS)).cuda().eval()
     video = random_clips(2, seed=2).cuda()
     budgets = torch.tensor([4, 3, 3, 2, 2, 2, 2, 5], device="cuda").expand(8, 8)
     engine = RolloutEngine()
