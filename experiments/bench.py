@@ -9,9 +9,11 @@ Front-ends (``--modes``):
 - ``torchrl``: ``AutoGazeTorchEnv`` stepped with ``step_and_maybe_reset`` as collectors do.
 
 The batched front-ends run ``--step-mode`` (``gaze_env.graph``): ``auto`` (their default: CUDA
-graphs of the fixed-shape step on CUDA, eager elsewhere), ``eager``, ``static`` or ``graph``; each
-result records the mode that ran and whether its graphs were captured. The first step of a graph
-mode captures the graphs: keep ``--warmup`` >= 1 so that the capture is not timed.
+graphs of the fixed-shape step on CUDA, eager elsewhere), ``eager``, ``static`` or ``graph``, with
+the static step's bookkeeping in ``--step-kernel`` (``auto``: CuPy kernels on CUDA where they run;
+``torch``: torch ops); each result records the mode that ran, whether its graphs were captured and
+whether the step kernels ran. The first step of a graph mode captures the graphs: keep
+``--warmup`` >= 1 so that the capture is not timed.
 
 Every step draws a uniformly random valid action per env from its ``action_mask`` (on the env's
 device); that draw is NOT counted: the clock (synchronised on CUDA) covers the env's step alone,
@@ -53,6 +55,7 @@ import torch
 
 from gaze_env import ENV_ID
 from gaze_env.config import GazeEnvConfig, get_preset
+from gaze_env.core import STEP_KERNELS
 from gaze_env.graph import STEP_MODES
 from gaze_env.patches import PatchGrid
 from gaze_env.torchrl_env import AutoGazeTorchEnv
@@ -91,6 +94,7 @@ class Result:
     bandwidth_fraction: float | None
     step_mode: str = "eager"
     graphs: bool = False
+    step_kernels: bool = False
     frame_end_fraction: float | None = None
     profile: dict | None = None
 
@@ -113,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PasteReconstructor's kernel: auto (CuPy kernels on CUDA where they run), torch or cupy",
     )
     p.add_argument("--step-mode", default="auto", choices=STEP_MODES, help="step mode of the batched front-ends")
+    p.add_argument(
+        "--step-kernel",
+        default="auto",
+        choices=STEP_KERNELS,
+        help="the static / graph step's bookkeeping: auto (CuPy kernels on CUDA where they run), torch or cupy",
+    )
     p.add_argument("--profile", type=int, default=0, help="profile this many more steps of each run (0: none)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
@@ -227,6 +237,7 @@ class RunStats:
     seconds: list[float]  # inside the env, per timed step
     step_mode: str  # the mode that ran ("eager" for gym / sync)
     graphs: bool  # CUDA graphs were captured and replayed
+    step_kernels: bool  # the static step's bookkeeping ran in the CuPy step kernels
     frame_changes: int  # env steps after which the observed frame index differed (timed steps)
     profile: dict | None
 
@@ -261,7 +272,7 @@ def run_one(mode: str, preset: str, B: int, pool: torch.Tensor, args: argparse.N
     device = torch.device(args.device)
     gen = torch.Generator(device=device if mode in ("vector", "torchrl") else "cpu").manual_seed(args.seed)
     kwargs = _env_kwargs(preset, pool, args)
-    batched = {"step_mode": args.step_mode} if mode in ("vector", "torchrl") else {}
+    batched = {"step_mode": args.step_mode, "step_kernel": args.step_kernel} if mode in ("vector", "torchrl") else {}
     seconds: list[float] = []
     changes = [0]
 
@@ -355,6 +366,7 @@ def run_one(mode: str, preset: str, B: int, pool: torch.Tensor, args: argparse.N
         seconds=seconds,
         step_mode=getattr(unwrapped, "step_mode", "eager"),
         graphs=bool(runner is not None and runner.captured),
+        step_kernels=bool(runner is not None and runner.static.kernels),
         frame_changes=changes[0],
         profile=profile,
     )
@@ -371,6 +383,7 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
         "device": args.device,
         "kernel": args.kernel,
         "step_mode": args.step_mode,
+        "step_kernel": args.step_kernel,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth,
@@ -425,6 +438,7 @@ def bench(args: argparse.Namespace) -> tuple[list[Result], dict]:
                     bandwidth_fraction=achieved / bandwidth if bandwidth else None,
                     step_mode=stats.step_mode,
                     graphs=stats.graphs,
+                    step_kernels=stats.step_kernels,
                     frame_end_fraction=stats.frame_changes / (B * len(seconds)),
                     profile=stats.profile,
                 )
@@ -459,7 +473,8 @@ def _row(r: Result) -> str:
     mem = f"{r.mem_per_env_mb:.2f}" if r.mem_per_env_mb is not None else "-"
     frac = f"{100 * r.bandwidth_fraction:.2f}" if r.bandwidth_fraction is not None else "-"
     ends = f"{100 * r.frame_end_fraction:.1f}" if r.frame_end_fraction is not None else "-"
-    step = r.step_mode + (" (graphs)" if r.graphs else "")
+    notes = [note for note, on in (("graphs", r.graphs), ("step kernels", r.step_kernels)) if on]
+    step = r.step_mode + (f" ({', '.join(notes)})" if notes else "")
     ms = 1e3 * r.env_seconds / r.steps
     return (
         f"| {r.preset} | {r.mode} | {step} | {r.batch_size} | {r.steps_per_s:,.0f} | {ms:.2f} | "
@@ -486,11 +501,14 @@ def _fmt(x: float | None) -> str:
 def markdown_section(results: list[Result], meta: dict) -> tuple[str, str]:
     """(key, Markdown section) of one configuration; a rerun of the same key replaces it."""
     name = f"{meta['card']}-{meta['device']}-{meta['kernel']}-t{meta['threads']}-{meta['step_mode']}"
+    if meta["step_kernel"] != "auto":  # the tables of the default keep their keys
+        name += f"-step-{meta['step_kernel']}"
     key = re.sub(r"[^a-z0-9]+", "-", name.lower())
     bw = f", bandwidth {meta['bandwidth_gbs']:.0f} GB/s" if meta["bandwidth_gbs"] else ""
     lines = [
         f"<!-- bench:{key} -->",
         f"### {meta['card']} ({meta['device']}, step mode {meta['step_mode']}, kernel {meta['kernel']}, "
+        f"step kernel {meta['step_kernel']}, "
         f"torch CPU threads {meta['threads']}{bw})",
         "",
         f"torch {meta['torch']}, Python {meta['python']}, {meta['date']}, load average "
@@ -514,8 +532,9 @@ mode, kernel, threads) has one table, replaced when the bench runs again with it
   `action_mask` and are not timed. `gym` is one `AutoGazeEnv` (B = 1); `sync` is Gymnasium's
   `SyncVectorEnv` over B `AutoGazeEnv`; `vector` is `AutoGazeVectorEnv`; `torchrl` is
   `AutoGazeTorchEnv` stepped with `step_and_maybe_reset`.
-- *step*: the batched front-ends' step mode (`eager`, `static`, `graph`; "(graphs)" when CUDA
-  graphs were captured and replayed), see `gaze_env.graph`.
+- *step*: the batched front-ends' step mode (`eager`, `static`, `graph`; "graphs" when CUDA
+  graphs were captured and replayed, "step kernels" when the step's bookkeeping ran in the CuPy
+  step kernels), see `gaze_env.graph`.
 - *frame ends %*: timed env steps after which the frame index changed (a frame or an episode
   ended); the frame-end work is most of the bytes, so runs that saw none are not representative.
 - *MiB / env*: peak CUDA memory allocated during the run over B (CUDA only).

@@ -154,13 +154,31 @@ def reset_rows(
 
 
 # ---- masks and validation --------------------------------------------------------------------
+def _at_frame(x: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's entry of its frame ``t``: ``x`` (B, T, ...) and ``t`` (B,) int64 in [0, T) ->
+    (B, ...), one gather (into ``out`` (B, ...) when given)."""
+    index = t.view(-1, *([1] * (x.ndim - 1))).expand(x.shape[0], 1, *x.shape[2:])  # (B, 1, ...)
+    return torch.gather(x, 1, index, out=None if out is None else out.unsqueeze(1)).squeeze(1)
+
+
+def _mask(
+    gazed: torch.Tensor, num_gazed: torch.Tensor, live: torch.Tensor, min_gazes: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``action_mask`` from ``gazed`` (B, N) bool, ``num_gazed`` (B,) int64 and ``live`` (B,) bool
+    (episode not ended), into ``out`` (B, N + 1) bool when given."""
+    B, N = gazed.shape
+    mask = torch.empty(B, N + 1, dtype=torch.bool, device=gazed.device) if out is None else out
+    torch.gt(live[:, None], gazed, out=mask[:, :N])  # live and not gazed, in one op
+    torch.bitwise_and(num_gazed >= min_gazes, live, out=mask[:, N])
+    return mask
+
+
 def action_mask(params: CoreParams, state: GazeState) -> torch.Tensor:
     """(B, N + 1) bool: valid actions (ungazed patches of the current frame; STOP once the frame
     has ``min_gazes_per_frame`` gazes). All False after the episode ended."""
-    live = ~state.done  # (B,)
-    patches = ~state.gazed & live[:, None]  # (B, N)
-    stop = (state.num_gazed >= params.config.min_gazes_per_frame) & live  # (B,)
-    return torch.cat([patches, stop[:, None]], dim=1)
+    t = state.frame_t
+    gazed, num_gazed = _at_frame(state.history, t), _at_frame(state.counts, t)
+    return _mask(gazed, num_gazed, ~state.done, params.config.min_gazes_per_frame)
 
 
 def valid_actions(params: CoreParams, state: GazeState, action: torch.Tensor) -> torch.Tensor:
@@ -335,19 +353,32 @@ class StaticStep:
       ``invalid_action_message`` on the untouched state.
     - The frame-end work (the new frame's scale views, rescoring the carried canvas) is for the rows
       that moved to a new frame, a data-dependent set: ``run()`` orders those rows first in ``order``
-      and counts them in ``flags[1]``; ``frame_ends(size)`` does the work for the ``size`` moved rows
-      from ``offset`` on (the other rows of its fixed-size slice write back what they read), ``size``
-      one of ``sizes``. The caller runs the passes ``plan_passes(flags[1], sizes)``, advancing
-      ``offset`` by each pass's size.
+      and counts them in ``flags[1]``; ``frame_ends()`` does the work for the first ``capacity`` of
+      them, ``frame_ends(size)`` for the ``size`` moved rows from ``offset`` on (the other rows of
+      its fixed-size slice write back what they read), ``size`` one of ``sizes``. The caller runs
+      ``frame_ends()`` and then, when more rows moved, the passes ``plan_passes(flags[1] - capacity,
+      sizes)``, advancing ``offset`` (from ``capacity``) by each pass's size.
     - ``flags[2]`` counts the episodes that terminated.
 
+    Every per-row quantity is read and written with one gather or scatter at the row's frame (no
+    advanced indexing) and written straight into its output tensor where it has one: each op is a
+    kernel of its own in the graph, and their count, not their bytes, bounds the step's time. On
+    CUDA the bookkeeping (everything but the paste, the frame starts and the loss's ``reduce``) can
+    run instead as a few CuPy kernels (``rewards.cuda``: ``step_check``, ``step_gaze``,
+    ``step_post``, ``step_order``, ``frame_start``), one thread per row, of which this torch code
+    is the reference (``kernel``; ``kernels`` says which runs).
+
     Args:
-        state: the batch it steps (its tensors are read and written in place, never replaced).
+        state: the batch it steps (its tensors are read and written in place, never replaced;
+            ``history`` contiguous).
         validate: gate the step on every action being valid (see above).
-        capacity: the usual ``frame_ends`` pass (default ``frame_end_capacity``); ``sizes`` are
+        capacity: the rows of ``frame_ends()`` (default ``frame_end_capacity``); ``sizes`` are
             ``pass_sizes(capacity, B)``, larger ones for frames that end in lockstep.
         frame_out, canvas_out: optional (B, 3, H, W) uint8 observation buffers kept equal to the
             current frame and to the canvas (written only where they change).
+        kernel: ``"auto"`` (default): the step kernels where they run (a CUDA state, CuPy
+            imports, see ``rewards.cuda.step_unsupported``), else the torch code; ``"cupy"``: the
+            same, warning when they cannot run; ``"torch"``: always the torch code.
     """
 
     def __init__(
@@ -359,10 +390,13 @@ class StaticStep:
         capacity: int | None = None,
         frame_out: torch.Tensor | None = None,
         canvas_out: torch.Tensor | None = None,
+        kernel: str = "auto",
     ) -> None:
         reason = static_step_unsupported(params)
         if reason is not None:
             raise ValueError(f"the static step cannot run here: {reason}")
+        if not state.history.is_contiguous():
+            raise ValueError(f"the static step needs a contiguous state.history, got strides {state.history.stride()}")
         B, device = state.batch_size, state.device
         C = frame_end_capacity(params.config, B) if capacity is None else int(capacity)
         if not 1 <= C <= B:
@@ -370,13 +404,17 @@ class StaticStep:
         self.params, self.state, self.validate, self.capacity = params, state, bool(validate), C
         self.sizes = pass_sizes(C, B)
         self.frame_out, self.canvas_out = frame_out, canvas_out
+        self.kernels = _step_kernels(kernel, state)
         self.action = torch.full((B,), params.config.grid.num_patches, dtype=torch.int64, device=device)  # input
         self.flags = torch.zeros(3, dtype=torch.int64, device=device)  # all valid, rows moved, rows terminated
         self.order = torch.arange(B, device=device)  # (B,) moved rows first
-        self.offset = torch.zeros((), dtype=torch.int64, device=device)  # input of frame_ends
+        self.offset = torch.zeros((), dtype=torch.int64, device=device)  # input of frame_ends(size)
         self._rows = torch.arange(B, device=device)
         self._slots = {size: torch.arange(size, device=device) for size in self.sizes}
         self._delta = torch.zeros(B, dtype=torch.float64, device=device)
+        self._all_valid = torch.ones((), dtype=torch.bool, device=device)  # go without validation
+        self._events = torch.zeros(2, B, dtype=torch.int64, device=device)  # step kernels: moved, terminated
+        self._first_valid = torch.zeros(C, dtype=torch.bool, device=device)  # step kernels: frame_ends()' valid
         flag = lambda: torch.zeros(B, dtype=torch.bool, device=device)  # noqa: E731
         real = lambda: torch.zeros(B, dtype=torch.float32, device=device)  # noqa: E731
         self.transition = Transition(
@@ -395,78 +433,118 @@ class StaticStep:
     def run(self) -> None:
         """One step of every row (see the class docstring); the frame-end work is left to
         ``frame_ends``."""
+        if self.kernels:
+            self._run_with_kernels()
+            return
         params, state, tr = self.params, self.state, self.transition
-        N, T = params.config.grid.num_patches, params.config.num_frames
-        action, b = self.action, self._rows
+        B, N, T = state.batch_size, params.config.grid.num_patches, params.config.num_frames
+        action = self.action
+        t = torch.clamp(state.t, max=T - 1, out=tr.frame_index)  # (B,) the frame acted in
+        at_t = t[:, None]  # (B, 1) index of the frame in (B, T) tensors
+        history = state.history.view(B, T * N)  # (B, T N): (frame, patch) cells
+        cell = torch.add(action.clamp(0, N - 1), t, alpha=N)[:, None]  # (B, 1) cell of (t, patch)
+        seen = history.gather(1, cell)  # (B, 1) bool: the patch was gazed in frame t
+        num_gazed = state.counts.gather(1, at_t)  # (B, 1) int64: gazes so far in frame t
+        stop = action == N  # (B,)
         if self.validate:
-            go = valid_actions(params, state, action).all()  # () bool
-            active = ~state.done & go
+            # valid_actions without the full mask: STOP after the minimum, an ungazed patch, or any
+            # action of an ended episode; in range in every case
+            ok = torch.where(stop, num_gazed[:, 0] >= params.config.min_gazes_per_frame, ~seen[:, 0]) | state.done
+            go = (ok & (action.clamp(0, N) == action)).all()  # () bool
+            live = torch.gt(go, state.done)  # (B,) go and not ended, in one op
         else:
-            go = torch.ones((), dtype=torch.bool, device=state.device)
-            active = ~state.done
-        t = state.frame_t  # (B,)
-        is_gaze = active & (action < N)
+            go = self._all_valid
+            live = ~state.done
+        is_gaze = torch.bitwise_and(live, action < N, out=tr.is_gaze)  # (B,)
         tr.loss_before.copy_(state.loss)
 
-        patch = action.clamp(0, N - 1)
-        state.history[b, t, patch] |= is_gaze
-        state.counts[b, t] += is_gaze
+        history.scatter_(1, cell, seen | is_gaze[:, None])
+        num_gazed = num_gazed + is_gaze[:, None]  # (B, 1) gazes in frame t after this step
+        state.counts.scatter_(1, at_t, num_gazed)
         pixel_error = params.loss.pixel_error
         delta = params.reconstructor.gaze_static(
             state, action, is_gaze, pixel_error, canvas_out=self.canvas_out, delta_out=self._delta
         )
         state.err_sum += delta
         numel = state.canvas[0].numel()
-        state.loss.copy_(torch.where(is_gaze, params.loss.reduce(state.err_sum / numel).float(), state.loss))
-        frame_end = active & ((action == N) | (state.counts[b, t] >= state.budgets[b, t]))  # (B,)
+        torch.where(is_gaze, params.loss.reduce(state.err_sum / numel).float(), state.loss, out=state.loss)
+        budget = state.budgets.gather(1, at_t)  # (B, 1)
+        frame_end = torch.bitwise_and(live, stop | (num_gazed >= budget)[:, 0], out=tr.frame_end)  # (B,)
         tr.loss_after.copy_(state.loss)
-        state.steps += active
+        state.steps += live
 
-        state.frame_loss[b, t] = torch.where(frame_end, state.loss, state.frame_loss[b, t])
-        tr.scored.copy_(frame_end & state.reward_frames[b, t])
+        ended_loss = torch.where(frame_end[:, None], state.loss[:, None], state.frame_loss.gather(1, at_t))  # (B, 1)
+        state.frame_loss.scatter_(1, at_t, ended_loss)
+        torch.bitwise_and(frame_end, state.reward_frames.gather(1, at_t)[:, 0], out=tr.scored)
         state.t += frame_end
-        terminated = frame_end & (state.t >= T)
+        terminated = torch.bitwise_and(frame_end, state.t >= T, out=tr.terminated)  # (B,)
         state.done |= terminated
         tr.next_start_loss.fill_(float("nan"))
-        tr.is_gaze.copy_(is_gaze)
-        tr.frame_index.copy_(t)
-        tr.frame_end.copy_(frame_end)
-        tr.terminated.copy_(terminated)
 
         # order the rows that moved to a new frame first (stable), the others after them
-        moved = (frame_end & ~terminated).long()  # (B,)
-        n_moved = moved.sum()
-        position = torch.where(moved.bool(), moved.cumsum(0) - 1, n_moved + (1 - moved).cumsum(0) - 1)
-        self.order.scatter_(0, position, b)
-        self.flags.copy_(torch.stack([go.long(), n_moved, terminated.long().sum()]))
+        moved = frame_end ^ terminated  # (B,) bool: terminated rows ended a frame too
+        moved_so_far = moved.cumsum(0)  # (B,) int64: moved rows up to each row, itself included
+        n_moved = moved_so_far[-1]
+        position = torch.where(moved, moved_so_far - 1, self._rows + n_moved - moved_so_far)  # (B,)
+        self.order.scatter_(0, position, self._rows)
+        torch.stack([go, n_moved, terminated.sum()], out=self.flags)
+
+    def _run_with_kernels(self) -> None:
+        """``run`` with its bookkeeping in the step kernels (the torch code of ``run`` is their
+        reference, op for op); the paste and the loss's ``reduce`` as there."""
+        from rewards import cuda
+
+        params, state, tr = self.params, self.state, self.transition
+        self.flags[0].fill_(1)
+        if self.validate:
+            cuda.step_check(state, self.action, self.flags, params.config.min_gazes_per_frame)
+        cuda.step_gaze(state, self.action, self.flags, tr)
+        delta = params.reconstructor.gaze_static(
+            state, self.action, tr.is_gaze, params.loss.pixel_error, canvas_out=self.canvas_out, delta_out=self._delta
+        )
+        state.err_sum += delta
+        new_loss = params.loss.reduce(state.err_sum / state.canvas[0].numel()).float()  # (B,)
+        cuda.step_post(state, self.action, self.flags, new_loss, tr, self._events)
+        cuda.step_order(self._events, self._events.cumsum(1), self.order, self._first_valid, self.flags)
 
     def frame_ends(self, size: int | None = None) -> None:
-        """The frame-end work of the moved rows ``order[offset : offset + size]`` (those before
-        ``flags[1]``; ``size`` one of ``sizes``, default ``capacity``): their new frame's views, the
-        carried canvas rescored, ``frame_start_loss``, ``next_start_loss`` and ``frame_out``."""
+        """The frame-end work of the moved rows among ``order[:capacity]`` (``size`` None, the pass
+        that follows ``run``), or among ``order[offset : offset + size]`` (``size`` one of
+        ``sizes``): their new frame's views, the carried canvas rescored, ``frame_start_loss``,
+        ``next_start_loss`` and ``frame_out``. Moved rows are those before ``flags[1]``."""
         params, state, tr = self.params, self.state, self.transition
         B, T = state.batch_size, state.num_frames
-        slots = self.offset + self._slots[self.capacity if size is None else size]  # (C,)
-        valid = slots < self.flags[1]  # (C,) bool: a moved row
-        rows = self.order[slots % B]  # (C,) distinct rows (C <= B); past the moved ones, unmoved rows
-        t = state.t[rows].clamp(max=T - 1)  # (C,)
+        if size is None:
+            slots = self._slots[self.capacity]  # (C,)
+            rows = self.order[: self.capacity]  # (C,)
+            valid = self._first_valid if self.kernels else slots < self.flags[1]  # (C,) bool: a moved row
+        else:
+            slots = self.offset + self._slots[size]  # (C,)
+            rows = self.order[slots % B]  # (C,) distinct rows (C <= B); past the moved ones, unmoved rows
+            valid = slots < self.flags[1]
         pixel_error = params.loss.pixel_error
         err = params.reconstructor.begin_frame_static(
             state, rows, valid, frame_out=self.frame_out, pixel_error=pixel_error
         )  # (C,) float64 when the reconstructor scored the frames in the same pass, else None
         if err is None:
-            err, loss = self._scores(rows, t, valid)  # (C,) float64, (C,) float32 (meaningful where valid)
+            err, loss = self._scores(rows, valid)  # (C,) float64, (C,) float32 (meaningful where valid)
         else:
             loss = params.loss.reduce(err / state.canvas[0].numel()).float()
+        if self.kernels:
+            from rewards import cuda
+
+            cuda.frame_start(state, rows, valid, err, loss, tr.next_start_loss)
+            return
+        t = state.t[rows].clamp(max=T - 1)  # (C,)
         state.err_sum[rows] = torch.where(valid, err, state.err_sum[rows])
         state.loss[rows] = torch.where(valid, loss, state.loss[rows])
         state.frame_start_loss[rows, t] = torch.where(valid, loss, state.frame_start_loss[rows, t])
         tr.next_start_loss[rows] = torch.where(valid, loss, tr.next_start_loss[rows])
 
-    def _scores(self, rows: torch.Tensor, t: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_pixel_scores`` of frames ``t`` (C,) of rows ``rows`` (C,) against their canvas; on CUDA
-        one CuPy pass over the uint8 pixels of the ``valid`` (C,) rows when it applies (l1, mse,
-        psnr)."""
+    def _scores(self, rows: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_pixel_scores`` of the current frames of rows ``rows`` (C,) against their canvas; on
+        CUDA one CuPy pass over the uint8 pixels of the ``valid`` (C,) rows when it applies (l1,
+        mse, psnr)."""
         params, state = self.params, self.state
         if state.device.type == "cuda":
             from rewards import cuda
@@ -475,7 +553,32 @@ class StaticStep:
             if mode is not None and mode >= 0 and cuda.available() and state.video.is_contiguous():
                 err = cuda.frame_error(state.video, state.t, state.canvas, rows, mode, valid)
                 return err, params.loss.reduce(err / state.canvas[0].numel()).float()
+        t = state.t[rows].clamp(max=state.num_frames - 1)  # (C,)
         return _pixel_scores(params, state.video[rows, t], state.canvas[rows])
+
+
+STEP_KERNELS = ("auto", "torch", "cupy")
+"""``StaticStep``'s ``kernel`` choices (the front-ends' ``step_kernel``)."""
+
+
+def check_step_kernel(kernel: str) -> str:
+    """``kernel`` when it is one of ``STEP_KERNELS``, else ``ValueError``."""
+    if kernel not in STEP_KERNELS:
+        raise ValueError(f"the step kernel must be one of {STEP_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def _step_kernels(kernel: str, state: GazeState) -> bool:
+    """Whether ``StaticStep`` (``kernel`` its argument) runs its bookkeeping in the step kernels."""
+    check_step_kernel(kernel)
+    if kernel == "torch":
+        return False
+    from rewards import cuda
+
+    reason = cuda.step_unsupported(state)
+    if reason is not None and kernel == "cupy":
+        cuda.warn_once(reason)
+    return reason is None
 
 
 # ---- observation -----------------------------------------------------------------------------
@@ -488,27 +591,51 @@ def observe(params: CoreParams, state: GazeState) -> dict[str, torch.Tensor]:
     }
 
 
-def observe_flags(params: CoreParams, state: GazeState) -> dict[str, torch.Tensor]:
-    """The observation's small entries (all but ``frame`` and ``canvas``), batched."""
+def observe_flags(
+    params: CoreParams, state: GazeState, out: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The observation's small entries (all but ``frame`` and ``canvas``), batched: fresh tensors,
+    or written into those of ``out`` (the same keys and shapes; other keys are left alone)."""
+    out = out or {}
+    t = torch.clamp(state.t, max=state.num_frames - 1, out=out.get("frame_index"))  # (B,) int64
+    gazed = _at_frame(state.history, t, out.get("gazed"))  # (B, N) bool
+    num_gazed = _at_frame(state.counts, t)  # (B,) int64
+    live = ~state.done  # (B,)
+    left = torch.mul(_at_frame(state.budgets, t) - num_gazed, live, out=out.get("gazes_left"))  # (B,): 0 once ended
     return {
-        "gazed": state.gazed.clone(),  # (B, N) bool
-        "frame_index": state.frame_t.clone(),  # (B,) int64
-        "gazes_left": torch.where(state.done, 0, state.budget - state.num_gazed),  # (B,) int64
-        "action_mask": action_mask(params, state),  # (B, N + 1) bool
+        "gazed": gazed,
+        "frame_index": t,
+        "gazes_left": left,
+        "action_mask": _mask(gazed, num_gazed, live, params.config.min_gazes_per_frame, out.get("action_mask")),
     }
 
 
 def gazing_ratio(params: CoreParams, state: GazeState) -> torch.Tensor:
     """(B,) float32: gazes so far over the patches of the frames started so far."""
-    started = (state.t + 1).clamp(max=state.num_frames)
-    return state.counts.sum(1).float() / (started * params.config.grid.num_patches)
+    return _gazing_ratio(params, state, state.frame_t)
 
 
-def info(params: CoreParams, state: GazeState) -> dict[str, torch.Tensor]:
-    """Diagnostics of every episode, batched."""
+def _gazing_ratio(
+    params: CoreParams, state: GazeState, frame_t: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``gazing_ratio`` given ``state.frame_t``, into ``out`` when given."""
+    started = frame_t + 1  # (B,) frames started so far, the current one included
+    gazes = state.counts.sum(1, dtype=torch.float32)  # (B,) exact: whole numbers far below 2^24
+    return torch.div(gazes, started * params.config.grid.num_patches, out=out)
+
+
+def info(params: CoreParams, state: GazeState, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Diagnostics of every episode, batched: fresh tensors, or written into those of ``out`` (the
+    same keys and shapes)."""
+    out = out or {}
+    t = state.frame_t
     return {
-        "loss": state.loss.clone(),  # (B,) current frame's loss
-        "gazes_this_frame": state.num_gazed,  # (B,)
-        "frame_loss": state.frame_loss.clone(),  # (B, T) loss at each frame end, NaN before
-        "gazing_ratio": gazing_ratio(params, state),  # (B,)
+        "loss": _copy(state.loss, out.get("loss")),  # (B,) current frame's loss
+        "gazes_this_frame": _at_frame(state.counts, t, out.get("gazes_this_frame")),  # (B,)
+        "frame_loss": _copy(state.frame_loss, out.get("frame_loss")),  # (B, T) loss at each frame end, NaN before
+        "gazing_ratio": _gazing_ratio(params, state, t, out.get("gazing_ratio")),  # (B,)
     }
+
+
+def _copy(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return x.clone() if out is None else out.copy_(x)

@@ -18,12 +18,15 @@ A step of ``StepRunner`` copies the actions in, replays the step graph (the step
 work of the first ``capacity`` rows that moved to a new frame), reads back three counters (the one
 host sync: were all actions valid, how many rows moved, how many episodes ended) and, when more
 than ``capacity`` rows moved, replays frame-end graphs of fixed sizes (``core.pass_sizes``) until
-they covered them (``core.plan_passes``). Observations,
-infos and the built-in rewards are written by the graphs into tensors the runner owns and reuses
-every step (``obs``, ``info``, ``reward``): the ``frame`` buffer changes only in the rows that
-moved to a new frame, the ``canvas`` buffer only where a gaze pasted. The front-ends hand these
-buffers out as they are where their API allows it (the vector env with ``return_tensors``: copy
-what you keep) and copy them where it does not (numpy observations, TorchRL tensordicts).
+they covered them (``core.plan_passes``). On CUDA the step's bookkeeping and the observation are
+a few CuPy kernels (``kernel``, see ``core.StaticStep``): the step graph holds about 25 kernels
+instead of 100, and in a graph each kernel costs microseconds however little it does.
+Observations, infos and the built-in rewards are written by the graphs into tensors the runner
+owns and reuses every step (``obs``, ``info``, ``reward``): the ``frame`` buffer changes only in
+the rows that moved to a new frame, the ``canvas`` buffer only where a gaze pasted. The
+front-ends hand these buffers out as they are where their API allows it (the vector env with
+``return_tensors``: copy what you keep) and copy them where it does not (numpy observations,
+TorchRL tensordicts).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class StepRunner:
         capture: capture CUDA graphs (``state`` on CUDA); False runs the same code op by op.
         capacity: rows of the frame-end pass inside every step (default ``core.frame_end_capacity``);
             more moved rows take more passes (``core.pass_sizes``).
+        kernel: ``core.StaticStep``'s: its bookkeeping and the observation in the CuPy step kernels
+            (``"auto"``, where they run; ``"cupy"``) or in torch ops (``"torch"``).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class StepRunner:
         validate: bool = True,
         capture: bool = False,
         capacity: int | None = None,
+        kernel: str = "auto",
     ) -> None:
         if capture and state.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA state, got one on {state.device}")
@@ -128,6 +134,7 @@ class StepRunner:
             capacity=capacity,
             frame_out=self.obs["frame"],
             canvas_out=self.obs["canvas"],
+            kernel=kernel,
         )
         self._pointers = _pointers(state)
         self._graphs: dict[int | str, torch.cuda.CUDAGraph] | None = None  # "step" and one per pass size
@@ -162,16 +169,21 @@ class StepRunner:
         if not ok:
             message = core.invalid_action_message(self.params, self.state, static.action)
             raise ValueError(message or "invalid action")
-        offset = static.capacity  # the step itself did the first pass (see _step_fn)
-        for size in core.plan_passes(max(0, moved - offset), static.sizes):
+        if moved > static.capacity:  # the step itself did the first pass (see _step_fn)
+            self._more_frame_ends(moved)
+        self.num_terminated = terminated
+        return static.transition
+
+    def _more_frame_ends(self, moved: int) -> None:
+        """The frame-end passes of the moved rows past the first ``capacity`` (``moved`` in all)."""
+        static, offset = self.static, self.static.capacity
+        for size in core.plan_passes(moved - offset, static.sizes):
             static.offset.fill_(offset)
             if self._graphs is not None:
                 self._graphs[size].replay()
             else:
                 self._frame_end_fn(size)
             offset += size
-        self.num_terminated = int(terminated)
-        return static.transition
 
     def refresh(self, rows: torch.Tensor | None = None) -> None:
         """Rebuild the observation and info buffers from the state after it changed outside a step
@@ -187,20 +199,22 @@ class StepRunner:
 
     # ---- what the graphs hold --------------------------------------------------------------
     def _observe(self) -> None:
-        for key, value in core.observe_flags(self.params, self.state).items():
-            self.obs[key].copy_(value)
-        for key, value in core.info(self.params, self.state).items():
-            self.info[key].copy_(value)
+        if self.static.kernels:
+            from rewards import cuda
+
+            cuda.observe_rows(self.state, self.obs, self.info, self.params.config.min_gazes_per_frame)
+        else:
+            core.observe_flags(self.params, self.state, out=self.obs)
+            core.info(self.params, self.state, out=self.info)
 
     def _step_fn(self) -> None:
         """The step and its first frame-end pass (the first ``capacity`` moved rows, usually all of
         them): one graph, so the GPU does not wait for the host between the two."""
         self.static.run()
-        self._observe()
         if self.reward is not None:
             self.reward.copy_(self.reward_fn(self.static.transition).float())
-        self.static.offset.zero_()
-        self._frame_end_fn(self.static.capacity)
+        self.static.frame_ends()
+        self._observe()
 
     def _frame_end_fn(self, size: int) -> None:
         self.static.frame_ends(size)
@@ -221,6 +235,7 @@ class StepRunner:
             validate=self.validate,
             capture=False,
             capacity=1,
+            kernel="cupy" if self.static.kernels else "torch",
         )
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -70,6 +70,8 @@ class AutoGazeTorchEnv(EnvBase):
             is per-pixel, else eager), ``"eager"``, ``"static"`` or ``"graph"``: see
             ``gaze_env.graph``. Every mode gives the same episodes; the tensordicts returned are
             fresh tensors in every mode.
+        step_kernel: ``"auto"``, ``"cupy"`` or ``"torch"``: the static and graph modes' bookkeeping
+            in CuPy kernels (CUDA) or torch ops, see ``core.StaticStep``; identical results.
         **kwargs: the shared keyword arguments, resolved by ``gaze_env.builder.build``.
     """
 
@@ -82,6 +84,7 @@ class AutoGazeTorchEnv(EnvBase):
         device: str | torch.device = "cpu",
         validate: bool = True,
         step_mode: str = "auto",
+        step_kernel: str = "auto",
         **kwargs: Any,
     ) -> None:
         size = torch.Size([batch_size] if isinstance(batch_size, int) else batch_size)
@@ -96,6 +99,7 @@ class AutoGazeTorchEnv(EnvBase):
         self.num_envs = size[0]
         self.validate = bool(validate)
         self.step_mode = resolve_step_mode(step_mode, self.params, self.device)
+        self.step_kernel = core.check_step_kernel(step_kernel)
         self.state = None
         self._runner: StepRunner | None = None  # static / graph modes: built at the first step
         self._gen = torch.Generator()
@@ -214,7 +218,12 @@ class AutoGazeTorchEnv(EnvBase):
         if self._runner is None or not self._runner.matches(self.state, self.validate):
             self._runner = None  # free the old graphs before capturing new ones
             self._runner = StepRunner(
-                self.params, self.state, self.reward_fn, validate=self.validate, capture=self.step_mode == "graph"
+                self.params,
+                self.state,
+                self.reward_fn,
+                validate=self.validate,
+                capture=self.step_mode == "graph",
+                kernel=self.step_kernel,
             )
         return self._runner
 

@@ -78,6 +78,9 @@ class AutoGazeVectorEnv(VectorEnv):
       runs that step op by op (any device); ``"auto"`` picks ``"graph"`` on CUDA when the reward's
       loss is per-pixel (l1, mse, psnr) and the reconstructor the paste canvas, else ``"eager"``.
       All modes give identical episodes (see ``gaze_env.graph``).
+    - ``step_kernel`` (``"auto"``): in the static and graph modes, the step's bookkeeping (counters,
+      masks, observation flags) in a few CuPy kernels on CUDA where they run (``"auto"``,
+      ``"cupy"``) or in torch ops (``"torch"``); identical results (``core.StaticStep``).
     - ``autoreset_mode``: an ``AutoresetMode`` or its value (``"NextStep"``, ...).
     - ``validate`` (True): raise ``ValueError`` naming the env for an invalid action (ended envs
       accept any in-range action); False skips the check (invalid actions have undefined effects).
@@ -97,6 +100,7 @@ class AutoGazeVectorEnv(VectorEnv):
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         validate: bool = True,
         step_mode: str = "auto",
+        step_kernel: str = "auto",
         **kwargs: Any,
     ) -> None:
         if int(num_envs) < 1:
@@ -122,12 +126,14 @@ class AutoGazeVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
         self.step_mode = resolve_step_mode(step_mode, self.params, self.device)
+        self.step_kernel = core.check_step_kernel(step_kernel)
 
         self.state = None
         self._runner: StepRunner | None = None  # static / graph modes: built at the first step
         self._torch_gen = torch.Generator()
         self._seeded = False
-        self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)  # (B,)
+        self._autoreset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)  # (B,) restart next step
+        self._truncated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)  # (B,) never written
         self._restart_pending = False  # some env may be marked in _autoreset (known without a sync)
         self._present = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)  # info's "_<key>" masks
 
@@ -187,7 +193,7 @@ class AutoGazeVectorEnv(VectorEnv):
             reward = runner.reward if runner.reward is not None else self.reward_fn(tr).float()
             terminated = tr.terminated  # (B,) reused buffer
             ended_any = runner.num_terminated > 0
-        truncated = torch.zeros_like(terminated)  # the episode length is bounded: never truncated
+        truncated = self._truncated  # the episode length is bounded: never truncated
         info: dict[str, Any] = {}
         if restart is not None:
             if self._restart_pending:
@@ -195,11 +201,13 @@ class AutoGazeVectorEnv(VectorEnv):
                 if rows.numel():
                     reward = torch.where(restart, torch.zeros_like(reward), reward)
                     self._start(rows)
-            self._autoreset = terminated | truncated
+            # every marked env restarted, so _autoreset is all False here: mark the ones that ended
+            if ended_any is None or ended_any:
+                self._autoreset.copy_(terminated)
             self._restart_pending = bool(self._autoreset.any()) if ended_any is None else ended_any
         elif self.autoreset_mode == AutoresetMode.SAME_STEP:
-            ended = terminated | truncated
-            if bool(ended.any()) if ended_any is None else ended_any:
+            if bool(terminated.any()) if ended_any is None else ended_any:
+                ended = terminated.clone()  # (B,) a fresh mask: terminated may be a reused buffer
                 info = self._final(ended)
                 self._start(ended.nonzero()[:, 0])
         live = runner if runner is not None and self._runner is runner else None  # the runner that stepped
@@ -207,7 +215,7 @@ class AutoGazeVectorEnv(VectorEnv):
         if self.return_tensors:
             return self._obs(live), reward, terminated, truncated, info
         # numpy results are fresh arrays (``.numpy()`` of a CPU tensor would share a reused buffer)
-        terminated_np, truncated_np = terminated.cpu().numpy().copy(), truncated.cpu().numpy()
+        terminated_np, truncated_np = terminated.cpu().numpy().copy(), np.zeros(self.num_envs, dtype=bool)
         return self._obs(live), reward.double().cpu().numpy(), terminated_np, truncated_np, info
 
     def render(self) -> tuple[np.ndarray, ...] | None:
@@ -261,7 +269,12 @@ class AutoGazeVectorEnv(VectorEnv):
         if self._runner is None or not self._runner.matches(self.state, self.validate):
             self._runner = None  # free the old graphs before capturing new ones
             self._runner = StepRunner(
-                self.params, self.state, self.reward_fn, validate=self.validate, capture=self.step_mode == "graph"
+                self.params,
+                self.state,
+                self.reward_fn,
+                validate=self.validate,
+                capture=self.step_mode == "graph",
+                kernel=self.step_kernel,
             )
         return self._runner
 

@@ -20,6 +20,13 @@ pastes.
   is written and the change of the l1 / mse pixel error summed. ``PASTE_SPLIT`` blocks per env row.
 - ``frame_error`` sums the l1 / mse pixel error of rows' current frames (read from the clips)
   against their canvas (rescoring at frame starts) in one pass over the uint8 pixels.
+- The step kernels (``_STEP_SOURCE``: ``step_check``, ``step_gaze``, ``step_post``, ``step_order``,
+  ``frame_start``, ``observe_rows``) do the bookkeeping of ``gaze_env.core.StaticStep`` (validation,
+  counters, frame ends, the row order of the frame-end passes) and the runner's observation, one
+  thread per row, in six launches where its torch code takes about eighty small ops (in a CUDA
+  graph each op is a kernel of a few microseconds whatever its size). Their reference is that torch
+  code (``StaticStep(kernel="torch")``, ``core.observe_flags``, ``core.info``); they only compare,
+  select and copy, so nothing rounds.
 
 References: ``PatchGrid.scale_views`` + ``rewards.reconstruct.paste_gaze`` (canvas and level map
 bit-identical, per-element error changes too, the delta their float64 sum) and
@@ -52,7 +59,7 @@ import numpy as np
 import torch
 
 from gaze_env.patches import PatchGrid
-from gaze_env.types import GazeState
+from gaze_env.types import GazeState, Transition
 from rewards import losses
 
 BLOCK = 256
@@ -320,7 +327,7 @@ __global__ void paste_gaze(
     const float* __restrict__ lowres,         // (B, L)
     const unsigned char* __restrict__ video,  // (B, T, 3, H, H)
     const long long* __restrict__ action,     // (B,)
-    const unsigned char* __restrict__ active, // (B,) 0 / 1
+    const bool* __restrict__ active,          // (B,)
     const long long* __restrict__ frame_t,    // (B,) (clamped to T - 1)
     const int4* __restrict__ patches,         // (N,): scale, square side R, top, left
     const int* __restrict__ sizes,            // (K - 1,) coarse scale sides
@@ -462,6 +469,204 @@ extern "C" __global__ void frame_error(
 }
 """
 
+_STEP_SOURCE = r"""
+// The bookkeeping of gaze_env.core.StaticStep, one thread per env row (observe_rows: per row and
+// action); each kernel equals the torch code it replaces there (integer, boolean and copy
+// operations only: nothing rounds). Shapes: B rows, T frames, N patches; (B, T) and (B, T, N)
+// tensors row-major; `go` is flags[0] (1: every action of the batch is valid).
+
+// StaticStep's validation: flags[0] = 0 when an action is invalid (flags[0] was set to 1).
+extern "C" __global__ void step_check(
+    const long long* __restrict__ action,     // (B,)
+    const long long* __restrict__ state_t,    // (B,)
+    const bool* __restrict__ done,            // (B,)
+    const bool* __restrict__ history,         // (B, T, N)
+    const long long* __restrict__ counts,     // (B, T)
+    long long* __restrict__ flags,            // (3,)
+    const int B, const int T, const int N, const int min_gazes)
+{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const long long a = action[b];
+    const long long t = min(state_t[b], (long long)(T - 1));
+    const long long patch = a < 0 ? 0 : (a > N - 1 ? N - 1 : a);
+    const bool seen = history[(b * T + t) * N + patch];
+    const bool ok = (a == N ? counts[b * T + t] >= min_gazes : !seen) || done[b];
+    if (!(ok && a >= 0 && a <= N)) flags[0] = 0;  // every writer writes 0: no race on the value
+}
+
+// StaticStep up to the paste: the gaze recorded in history and counts; is_gaze, frame_index and
+// loss_before of the transition.
+extern "C" __global__ void step_gaze(
+    const long long* __restrict__ action,     // (B,)
+    const long long* __restrict__ state_t,    // (B,)
+    const bool* __restrict__ done,            // (B,)
+    bool* __restrict__ history,               // (B, T, N)
+    long long* __restrict__ counts,           // (B, T)
+    const float* __restrict__ loss,           // (B,)
+    const long long* __restrict__ flags,      // (3,)
+    bool* __restrict__ is_gaze,               // (B,)
+    long long* __restrict__ frame_index,      // (B,)
+    float* __restrict__ loss_before,          // (B,)
+    const int B, const int T, const int N)
+{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const long long a = action[b];
+    const long long t = min(state_t[b], (long long)(T - 1));
+    const bool gaze = flags[0] != 0 && !done[b] && a < N;
+    frame_index[b] = t;
+    is_gaze[b] = gaze;
+    loss_before[b] = loss[b];
+    if (gaze) {
+        history[(b * T + t) * N + (a < 0 ? 0 : a)] = true;
+        counts[b * T + t] += 1;
+    }
+}
+
+// StaticStep after the paste: the loss (new_loss where a gaze pasted), the frame end and what
+// follows from it (frame_loss, t, done, steps), the rest of the transition, and events (2, B):
+// row b moved to a new frame (events[b]) or terminated (events[B + b]).
+extern "C" __global__ void step_post(
+    const long long* __restrict__ action,     // (B,)
+    long long* __restrict__ state_t,          // (B,)
+    bool* __restrict__ done,                  // (B,)
+    const long long* __restrict__ counts,     // (B, T)
+    const long long* __restrict__ budgets,    // (B, T)
+    const bool* __restrict__ reward_frames,   // (B, T)
+    float* __restrict__ loss,                 // (B,)
+    const float* __restrict__ new_loss,       // (B,)
+    float* __restrict__ frame_loss,           // (B, T)
+    long long* __restrict__ steps,            // (B,)
+    const long long* __restrict__ flags,      // (3,)
+    const bool* __restrict__ is_gaze,         // (B,)
+    float* __restrict__ loss_after,           // (B,)
+    bool* __restrict__ frame_end,             // (B,)
+    bool* __restrict__ scored,                // (B,)
+    bool* __restrict__ terminated,            // (B,)
+    float* __restrict__ next_start_loss,      // (B,)
+    long long* __restrict__ events,           // (2, B)
+    const int B, const int T, const int N)
+{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const long long a = action[b];
+    const long long t0 = state_t[b];
+    const long long cell = b * T + min(t0, (long long)(T - 1));
+    const bool live = flags[0] != 0 && !done[b];
+    if (is_gaze[b]) loss[b] = new_loss[b];
+    const float l = loss[b];
+    const bool end = live && (a == N || counts[cell] >= budgets[cell]);
+    loss_after[b] = l;
+    steps[b] += live;
+    if (end) frame_loss[cell] = l;
+    scored[b] = end && reward_frames[cell];
+    const long long t1 = t0 + end;
+    state_t[b] = t1;
+    const bool term = end && t1 >= T;
+    if (term) done[b] = true;
+    frame_end[b] = end;
+    terminated[b] = term;
+    next_start_loss[b] = __int_as_float(0x7fc00000);  // NaN
+    events[b] = end && !term;
+    events[B + b] = term;
+}
+
+// StaticStep's row order (rows that moved to a new frame first, stably) from so_far = events'
+// running sums (2, B); flags[1] = rows moved, flags[2] = rows terminated; first_valid (C,): which
+// of the first C slots of order hold a moved row (the rows of frame_ends()).
+extern "C" __global__ void step_order(
+    const long long* __restrict__ events,     // (2, B)
+    const long long* __restrict__ so_far,     // (2, B)
+    long long* __restrict__ order,            // (B,)
+    bool* __restrict__ first_valid,           // (C,)
+    long long* __restrict__ flags,            // (3,)
+    const int B, const int C)
+{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const long long moved = so_far[B - 1], s = so_far[b];
+    order[events[b] ? s - 1 : b + moved - s] = b;
+    if (b < C) first_valid[b] = b < moved;
+    if (b == 0) {
+        flags[1] = moved;
+        flags[2] = so_far[2LL * B - 1];
+    }
+}
+
+// StaticStep.frame_ends' writes for the C slots: the valid rows' new frame scores.
+extern "C" __global__ void frame_start(
+    const long long* __restrict__ rows,       // (C,)
+    const bool* __restrict__ valid,           // (C,)
+    const double* __restrict__ err,           // (C,)
+    const float* __restrict__ new_loss,       // (C,)
+    const long long* __restrict__ state_t,    // (B,)
+    double* __restrict__ err_sum,             // (B,)
+    float* __restrict__ loss,                 // (B,)
+    float* __restrict__ frame_start_loss,     // (B, T)
+    float* __restrict__ next_start_loss,      // (B,)
+    const int C, const int T)
+{
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C || !valid[c]) return;
+    const long long row = rows[c];
+    const float l = new_loss[c];
+    err_sum[row] = err[c];
+    loss[row] = l;
+    frame_start_loss[row * T + min(state_t[row], (long long)(T - 1))] = l;
+    next_start_loss[row] = l;
+}
+
+// core.observe_flags and core.info into the runner's buffers; thread i: row b = i / (N + 1),
+// action j = i % (N + 1) (j = N: STOP and the row's other entries).
+extern "C" __global__ void observe_rows(
+    const long long* __restrict__ state_t,    // (B,)
+    const bool* __restrict__ done,            // (B,)
+    const bool* __restrict__ history,         // (B, T, N)
+    const long long* __restrict__ counts,     // (B, T)
+    const long long* __restrict__ budgets,    // (B, T)
+    const float* __restrict__ loss,           // (B,)
+    const float* __restrict__ frame_loss,     // (B, T)
+    bool* __restrict__ gazed,                 // (B, N)
+    bool* __restrict__ mask,                  // (B, N + 1)
+    long long* __restrict__ frame_index,      // (B,)
+    long long* __restrict__ gazes_left,       // (B,)
+    float* __restrict__ info_loss,            // (B,)
+    long long* __restrict__ gazes_this_frame, // (B,)
+    float* __restrict__ info_frame_loss,      // (B, T)
+    float* __restrict__ gazing_ratio,         // (B,)
+    const long long total, const int T, const int N, const int min_gazes)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const long long b = i / (N + 1);
+    const int j = (int)(i % (N + 1));
+    const long long t = min(state_t[b], (long long)(T - 1));
+    const bool live = !done[b];
+    if (j < N) {
+        const bool g = history[(b * T + t) * N + j];
+        gazed[b * N + j] = g;
+        mask[i] = live && !g;
+        return;
+    }
+    const long long n = counts[b * T + t];
+    mask[i] = live && n >= min_gazes;
+    frame_index[b] = t;
+    gazes_left[b] = live ? budgets[b * T + t] - n : 0;
+    gazes_this_frame[b] = n;
+    info_loss[b] = loss[b];
+    float gazes = 0.0f;  // exact: whole numbers far below 2^24, as torch's float32 sum
+    for (int k = 0; k < T; ++k) {
+        gazes += (float)counts[b * T + k];
+        info_frame_loss[b * T + k] = frame_loss[b * T + k];
+    }
+    gazing_ratio[b] = __fdiv_rn(gazes, (float)((t + 1) * N));
+}
+"""
+
+STEP_KERNEL_NAMES = ("step_check", "step_gaze", "step_post", "step_order", "frame_start", "observe_rows")
+"""The kernels of ``_STEP_SOURCE`` (compiled apart from ``_SOURCE``'s)."""
+
 PASTE_SPLIT = 4
 """Blocks per env row of ``paste_gaze`` (``SPLIT`` in the source)."""
 
@@ -476,7 +681,7 @@ AA_VARIANTS = 2
 
 _cupy: ModuleType | None = None
 _cupy_error: str | None = None
-_module = None
+_modules: dict[str, object] = {}  # "paste": _SOURCE's, "step": _STEP_SOURCE's
 _functions: dict[tuple[str, int], object] = {}
 _external: dict[int, object] = {}
 _variants: dict[tuple[PatchGrid, int], tuple[int, int] | None] = {}
@@ -552,17 +757,21 @@ def warn_once(reason: str) -> None:
 
 
 def _function(name: str, device: torch.device):
-    """Kernel ``name`` of ``_SOURCE``, compiled on first use and loaded once per device."""
-    global _module
+    """Kernel ``name`` of ``_SOURCE`` or ``_STEP_SOURCE``, compiled on first use (each source as
+    one module, so that one cannot break the other) and loaded once per device."""
     cp = cupy_module()
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (name, index)
     if key not in _functions:
-        if _module is None:
-            pastes = [f"paste_gaze<{fused}, {form}>" for fused in (0, 1) for form in range(FORMS)]
-            _module = cp.RawModule(code=_SOURCE, name_expressions=pastes)
+        source = "step" if name in STEP_KERNEL_NAMES else "paste"
+        if source not in _modules:
+            if source == "step":
+                _modules[source] = cp.RawModule(code=_STEP_SOURCE)
+            else:
+                pastes = [f"paste_gaze<{fused}, {form}>" for fused in (0, 1) for form in range(FORMS)]
+                _modules[source] = cp.RawModule(code=_SOURCE, name_expressions=pastes)
         with cp.cuda.Device(index):
-            _functions[key] = _module.get_function(name)
+            _functions[key] = _modules[source].get_function(name)
     return _functions[key]
 
 
@@ -721,7 +930,8 @@ def begin_rows(
     n, hw = 3 * H * H, H * H
     vec = int(n % 16 == 0 and hw % 16 == 0)
     F = _blocks(n // 16 if vec else n) if level is not None or frame_out is not None or scoring else 0
-    partial = torch.zeros(C, max(1, F), dtype=torch.float64, device=device) if scoring else None
+    # (C, F) per-block sums; those of invalid rows stay unwritten (the caller masks them)
+    partial = torch.empty(C, max(1, F), dtype=torch.float64, device=device) if scoring else None
     for lo, hi in _row_chunks(C) if D + F else ():
         part = (rows[lo:hi], None if valid is None else valid[lo:hi], None if partial is None else partial[lo:hi])
         pointers = (video, frame_t, part[0], part[1], lowres, level, frame_out, bands, sizes, offsets, bases, spans)
@@ -758,7 +968,7 @@ def paste_gaze(
     _contiguous(canvas_out=canvas_out, delta_out=delta_out)
     patches, sizes, offsets = _tables(grid, device)[:3]
     action = action.to(device=device, dtype=torch.int64).contiguous()
-    active = active.to(device=device, dtype=torch.uint8).contiguous()
+    active = active.to(device=device, dtype=torch.bool).contiguous()
     up_variant = lowres_variants(grid, device)[1]
     partial = torch.empty(B, PASTE_SPLIT, dtype=torch.float64, device=device)  # (B, SPLIT) per-block sums
     pointers = (state.canvas, canvas_out, state.aux["level"], lowres, state.video)
@@ -861,3 +1071,120 @@ def lowres_variants(grid: PatchGrid, device: torch.device) -> tuple[int, int] | 
             break
     _variants[key] = None if aa is None or up is None else (aa, up)
     return _variants[key]
+
+
+# ---- the static step's bookkeeping (gaze_env.core.StaticStep) -------------------------------
+STEP_TENSORS = ("t", "done", "history", "counts", "budgets", "reward_frames", "loss", "err_sum")
+STEP_TENSORS += ("frame_loss", "frame_start_loss", "steps")
+"""The ``GazeState`` fields the step kernels read and write (contiguous, as ``core.reset`` makes them)."""
+
+
+def step_unsupported(state: GazeState) -> str | None:
+    """Why ``StaticStep`` cannot run its bookkeeping with the step kernels on ``state`` (None when
+    it can): not on CUDA, no CuPy, a field not contiguous, or the kernels do not compile here."""
+    if state.device.type != "cuda":
+        return f"the step kernels run on CUDA, not {state.device}"
+    if cupy_module() is None:
+        return f"CuPy does not import ({_cupy_error})"
+    for name in STEP_TENSORS:
+        if not getattr(state, name).is_contiguous():
+            return f"state.{name} is not contiguous (strides {getattr(state, name).stride()})"
+    try:
+        for name in STEP_KERNEL_NAMES:
+            _function(name, state.device)
+    except Exception as e:  # a compiler or driver error: the torch code still runs
+        return f"the step kernels do not compile here ({type(e).__name__}: {e})"
+    return None
+
+
+def _rows_grid(n: int) -> tuple[int]:
+    return (max(1, math.ceil(n / BLOCK)),)
+
+
+def _dims(state: GazeState) -> tuple[np.int32, np.int32, np.int32]:
+    """B, T, N of a state as kernel arguments."""
+    B, T, N = state.history.shape
+    return np.int32(B), np.int32(T), np.int32(N)
+
+
+def step_check(state: GazeState, action: torch.Tensor, flags: torch.Tensor, min_gazes: int) -> None:
+    """``flags[0] = 0`` when an action of ``action`` (B,) int64 is invalid for ``state`` (the check
+    of ``core.valid_actions``); ``flags`` (3,) int64 with ``flags[0]`` set to 1 before."""
+    pointers = (action, state.t, state.done, state.history, state.counts, flags)
+    args = tuple(_ptr(t) for t in pointers) + _dims(state) + (np.int32(min_gazes),)
+    _launch("step_check", state.device, _rows_grid(state.batch_size), args)
+
+
+def step_gaze(state: GazeState, action: torch.Tensor, flags: torch.Tensor, tr: Transition) -> None:
+    """``StaticStep.run`` up to the paste: the gazes of ``action`` (B,) int64 (where ``flags[0]``
+    and the episode is live) recorded in ``history`` and ``counts``; ``tr.is_gaze``,
+    ``tr.frame_index`` and ``tr.loss_before`` written."""
+    pointers = (action, state.t, state.done, state.history, state.counts, state.loss, flags)
+    pointers += (tr.is_gaze, tr.frame_index, tr.loss_before)
+    args = tuple(_ptr(t) for t in pointers) + _dims(state)
+    _launch("step_gaze", state.device, _rows_grid(state.batch_size), args)
+
+
+def step_post(
+    state: GazeState,
+    action: torch.Tensor,
+    flags: torch.Tensor,
+    new_loss: torch.Tensor,
+    tr: Transition,
+    events: torch.Tensor,
+) -> None:
+    """``StaticStep.run`` after the paste: ``state.loss`` = ``new_loss`` (B,) float32 where
+    ``tr.is_gaze``, the frame ends and what follows from them in ``state``, the rest of ``tr``,
+    and ``events`` (2, B) int64: 1 where the row moved to a new frame (row 0) or terminated
+    (row 1)."""
+    _contiguous(new_loss=new_loss)
+    pointers = (action, state.t, state.done, state.counts, state.budgets, state.reward_frames, state.loss)
+    pointers += (new_loss, state.frame_loss, state.steps, flags, tr.is_gaze, tr.loss_after, tr.frame_end)
+    pointers += (tr.scored, tr.terminated, tr.next_start_loss, events)
+    args = tuple(_ptr(t) for t in pointers) + _dims(state)
+    _launch("step_post", state.device, _rows_grid(state.batch_size), args)
+
+
+def step_order(
+    events: torch.Tensor, so_far: torch.Tensor, order: torch.Tensor, first_valid: torch.Tensor, flags: torch.Tensor
+) -> None:
+    """``order`` (B,) int64: the rows that moved to a new frame (``events[0]`` (B,)) first, stably,
+    the others after them, from ``so_far`` = ``events.cumsum(1)`` (2, B); ``flags[1]`` and
+    ``flags[2]`` the rows moved and terminated; ``first_valid`` (C,) bool: ``arange(C) <
+    flags[1]``."""
+    _contiguous(so_far=so_far)
+    B, C = order.shape[0], first_valid.shape[0]
+    args = tuple(_ptr(t) for t in (events, so_far, order, first_valid, flags)) + (np.int32(B), np.int32(C))
+    _launch("step_order", order.device, _rows_grid(B), args)
+
+
+def frame_start(
+    state: GazeState,
+    rows: torch.Tensor,
+    valid: torch.Tensor,
+    err: torch.Tensor,
+    new_loss: torch.Tensor,
+    next_start_loss: torch.Tensor,
+) -> None:
+    """Where ``valid`` (C,) bool: ``state.err_sum``, ``state.loss``, ``state.frame_start_loss`` at
+    the current frame and ``next_start_loss`` (B,) float32 of row ``rows`` (C,) int64 set to its
+    new frame's ``err`` (C,) float64 and ``new_loss`` (C,) float32; the other rows untouched."""
+    rows, err, new_loss = rows.contiguous(), err.contiguous(), new_loss.contiguous()
+    C, T = rows.shape[0], state.num_frames
+    pointers = (rows, valid.contiguous(), err, new_loss, state.t, state.err_sum, state.loss)
+    pointers += (state.frame_start_loss, next_start_loss)
+    args = tuple(_ptr(t) for t in pointers) + (np.int32(C), np.int32(T))
+    _launch("frame_start", state.device, _rows_grid(C), args)
+
+
+def observe_rows(state: GazeState, obs: dict[str, torch.Tensor], info: dict[str, torch.Tensor], min_gazes: int) -> None:
+    """``core.observe_flags(params, state, out=obs)`` and ``core.info(params, state, out=info)`` in
+    one launch (the buffers contiguous, ``min_gazes`` the config's ``min_gazes_per_frame``)."""
+    _contiguous(**obs, **{f"info_{k}": v for k, v in info.items()})
+    B, T, N = state.history.shape
+    pointers = (state.t, state.done, state.history, state.counts, state.budgets, state.loss, state.frame_loss)
+    pointers += (obs["gazed"], obs["action_mask"], obs["frame_index"], obs["gazes_left"])
+    pointers += (info["loss"], info["gazes_this_frame"], info["frame_loss"], info["gazing_ratio"])
+    total = B * (N + 1)
+    args = tuple(_ptr(t) for t in pointers) + (np.int64(total), np.int32(T), np.int32(N), np.int32(min_gazes))
+    _launch("observe_rows", state.device, _rows_grid(total), args)
