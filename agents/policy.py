@@ -554,9 +554,8 @@ class PointerHead(nn.Module):
         self.token_key = nn.Linear(cfg.hidden_size, ks * self.states * self.d, bias=False)
         self.register_buffer("pool", pool_matrix(cfg), persistent=False)
         if cfg.pointer_coverage:
-            cover, share = coverage_tables(cfg.grid)
-            self.register_buffer("cover", cover, persistent=False)
-            self.register_buffer("share", share, persistent=False)
+            # bool, so ``.to(dtype)`` of a bf16 copy leaves it exact
+            self.register_buffer("cover", coverage_table(cfg.grid), persistent=False)
 
     def coverage(self, gazed: Tensor) -> Tensor:
         """gazed (..., N) bool, the frame's gazes so far -> (..., N, S) float32: the fraction of
@@ -564,12 +563,13 @@ class PointerHead(nn.Module):
         scale ``s``); all in state 0 without ``pointer_coverage`` (S = 1)."""
         if self.states == 1:
             return gazed.new_ones(*gazed.shape, 1, dtype=torch.float32)
-        offsets = self.grid.offsets
-        level = torch.zeros(*gazed.shape[:-1], self.cover.shape[1], dtype=torch.int64, device=gazed.device)
+        offsets, cover = self.grid.offsets, self.cover.float()  # (N, C)
+        level = torch.zeros(*gazed.shape[:-1], cover.shape[1], dtype=torch.int64, device=gazed.device)
         for k in range(self.grid.num_scales):  # coarse first: finer scales overwrite
-            part = gazed[..., offsets[k] : offsets[k + 1]].float() @ self.cover[offsets[k] : offsets[k + 1]]
+            part = gazed[..., offsets[k] : offsets[k + 1]].float() @ cover[offsets[k] : offsets[k + 1]]
             level = torch.where(part > 0, k + 1, level)  # (..., C) cells pasted at scale k
-        return self.share @ F.one_hot(level, self.states).float()  # (N, C) @ (..., C, S)
+        share = cover / cover.sum(1, keepdim=True)  # (N, C) the fraction of v's square cell c is
+        return share @ F.one_hot(level, self.states).float()  # (N, C) @ (..., C, S)
 
     def patch_keys(self, hidden: Tensor, tokens: Tensor) -> Tensor:
         """hidden (..., P, H) final hidden states of a frame's vision tokens, tokens (..., P, H)
@@ -632,18 +632,16 @@ class PointerHead(nn.Module):
         return F.pad(mixed, (0, 1))
 
 
-def coverage_tables(grid: PatchGrid) -> tuple[Tensor, Tensor]:
-    """Cells of side ``gcd`` of the patch squares' sides tile every square exactly: ``cover``
-    (N, C) float32 1 where patch ``v`` covers cell ``c``, ``share`` (N, C) float32 the fraction of
-    ``v``'s square cell ``c`` is (``cover`` over the cells per square)."""
+def coverage_table(grid: PatchGrid) -> Tensor:
+    """Cells of side ``gcd`` of the patch squares' sides tile every square exactly -> (N, C) bool,
+    True where patch ``v`` covers cell ``c``."""
     cell = math.gcd(*grid.region_sizes)
     side = grid.frame_size // cell
     lo = torch.arange(side) * cell
     y0, x0, y1, x1 = grid.regions.unbind(1)
     rows = (lo >= y0[:, None]) & (lo < y1[:, None])  # (N, side)
     cols = (lo >= x0[:, None]) & (lo < x1[:, None])
-    cover = (rows[:, :, None] & cols[:, None, :]).flatten(1).float()  # (N, C)
-    return cover, cover / cover.sum(1, keepdim=True)
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1)  # (N, C)
 
 
 def blank_canvas(batch_size: int, size: int, device: torch.device) -> Tensor:

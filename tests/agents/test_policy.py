@@ -397,7 +397,7 @@ VARIANTS = {  # the optional architecture parts, off (the official model) and on
     "official": {},
     "canvas": {"canvas_input": True},
     "pointer": {"pointer_head": True, "pointer_dim": 4},
-    "both": {"canvas_input": True, "pointer_head": True, "pointer_dim": 4},
+    "both": {"canvas_input": True, "pointer_head": True, "pointer_dim": 4, "pointer_coverage": True},  # as the presets
 }
 CASE = dict(
     variant=st.sampled_from(sorted(VARIANTS)),
@@ -604,6 +604,24 @@ def test_generate__multi_token_output_has_the_same_form_as_single_token():
     for key, value in one.to_official().items():
         assert ten.to_official()[key].shape == value.shape and ten.to_official()[key].dtype == value.dtype
     assert set(one.to_trajectory().keys()) == set(ten.to_trajectory().keys())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_generate__a_bf16_copy_generates_valid_gazes_close_to_float32(variant):
+    model = random_model(2, num_multi_token_pred=3, **VARIANTS[variant])
+    copy = AutoGazePolicy(model.config).to(torch.bfloat16).eval()  # what train_bc --bench times on CUDA
+    copy.load_state_dict(model.state_dict())
+    video = random_video(2, 2, 3)
+    out = copy.generate(video.to(torch.bfloat16), gazing_ratio=0.5)
+    ref = model.generate(video, gazing_ratio=0.5)
+    assert torch.equal(out.num_gazes, ref.num_gazes) and out.log_prob.dtype == torch.float32
+    N = model.config.num_patches
+    for b in range(2):  # distinct real patches within each frame
+        ids = out.ids[b][out.emitted[b]].view(3, -1)
+        assert bool((ids < N).all()) and all(len(set(row.tolist())) == row.numel() for row in ids)
+    if model.config.pointer_coverage:  # the coverage fractions stay exact in the bf16 copy
+        gazed = torch.rand(4, N, generator=torch.Generator().manual_seed(0)) < 0.3
+        assert torch.equal(copy.pointer.coverage(gazed), model.pointer.coverage(gazed))
 
 
 def test_generate__rejects_bad_arguments():
